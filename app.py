@@ -1,0 +1,806 @@
+"""Ingest service for smart-meter samples read from the P1 port (DSMR).
+
+Edge devices POST batches of samples with a Bearer token. The service checks
+them, stores them idempotently in the TimescaleDB hypertable p1_samples and
+deletes the Redis cache entry of the device's realtime view.
+
+Run it with ``uvicorn --factory app:create_app_from_environment``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import re
+import secrets
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import asyncpg
+import msgspec
+from dotenv import load_dotenv
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+logger = logging.getLogger("app")
+
+
+# Settings
+
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+# Device ids appear in Redis keys, logs and URLs, so they keep to a safe set.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+DEVICE_ID_RULE = "1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'"
+
+# The token68 syntax of RFC 6750, the only form a Bearer header can carry.
+TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+SHORT_TOKEN_LENGTH = 32
+
+# Meters without a valid clock report their factory default of 2000-01-01,
+# and edge devices without a clock start at 1970. No real sample is older.
+MIN_SAMPLE_TS = datetime(2001, 1, 1, tzinfo=UTC)
+
+# A 422 lists at most this many invalid samples, so an error body stays small.
+MAX_REPORTED_ERRORS = 100
+
+
+class ConfigError(Exception):
+    """A missing or malformed environment variable. The message never contains a secret."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service configuration, read once at start-up."""
+
+    database_url: str
+    redis_url: str
+    device_tokens: dict[str, str]
+    cache_ttl_s: int = 5
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_batch_samples: int = 10_000
+    max_clock_skew_s: int = 900
+    db_pool_size: int = 10
+    db_timeout_s: float = 5.0
+    redis_timeout_s: float = 0.5
+    retry_after_s: int = 5
+
+
+def parse_device_tokens(value: str) -> dict[str, str]:
+    """Parse ``token:device_id`` pairs separated by commas into a token-to-device map."""
+    tokens: dict[str, str] = {}
+    positions: dict[str, int] = {}
+    entries = [entry.strip() for entry in value.split(",")]
+    if not any(entries):
+        raise ConfigError("DEVICE_TOKENS contains no token:device_id entry")
+
+    for position, entry in enumerate(entries, start=1):
+        if not entry:
+            continue
+        where = f"DEVICE_TOKENS entry {position}"
+        token, separator, device_id = (part.strip() for part in entry.partition(":"))
+        if not separator:
+            raise ConfigError(f"{where} has no ':' between the token and the device id")
+        if not token:
+            raise ConfigError(f"{where} has an empty token")
+        if not device_id:
+            raise ConfigError(f"{where} has an empty device id")
+        if not TOKEN_PATTERN.match(token):
+            raise ConfigError(
+                f"{where} has a token with characters outside A-Z, a-z, 0-9 and '-._~+/' "
+                "(with optional trailing '=')"
+            )
+        if not re.match(DEVICE_ID_PATTERN, device_id):
+            raise ConfigError(f"{where} has device id {device_id!r}; a device id is {DEVICE_ID_RULE}")
+        if token in tokens:
+            raise ConfigError(f"{where} repeats the token of entry {positions[token]}")
+        tokens[token] = device_id
+        positions[token] = position
+    return tokens
+
+
+def read_int(environ: dict[str, str], name: str, default: int, minimum: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        kind = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}")
+    return value
+
+
+def read_seconds(environ: dict[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 3600:
+        raise ConfigError(f"{name} must be a number of seconds above 0 and below 3600, got {raw!r}")
+    return value
+
+
+def read_required(environ: dict[str, str], name: str, schemes: tuple[str, ...]) -> str:
+    value = environ.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"{name} is required but not set")
+    # The URL may carry a password, so the message names only the scheme rule.
+    if not value.startswith(schemes):
+        raise ConfigError(f"{name} must start with one of {', '.join(schemes)}")
+    return value
+
+
+def load_settings(environ: dict[str, str]) -> Settings:
+    """Build Settings from environment variables. Raises ConfigError on any bad value."""
+    database_url = read_required(environ, "DATABASE_URL", ("postgresql://", "postgres://"))
+    redis_url = read_required(environ, "REDIS_URL", ("redis://", "rediss://", "unix://"))
+    if not environ.get("DEVICE_TOKENS", "").strip():
+        raise ConfigError("DEVICE_TOKENS is required but not set")
+
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        device_tokens=parse_device_tokens(environ["DEVICE_TOKENS"]),
+        cache_ttl_s=read_int(environ, "CACHE_TTL_S", 5, 0),
+        max_body_bytes=read_int(environ, "MAX_BODY_BYTES", Settings.max_body_bytes, 1024),
+        max_batch_samples=read_int(environ, "MAX_BATCH_SAMPLES", Settings.max_batch_samples, 1),
+        max_clock_skew_s=read_int(environ, "MAX_CLOCK_SKEW_S", Settings.max_clock_skew_s, 0),
+        db_pool_size=read_int(environ, "DB_POOL_SIZE", Settings.db_pool_size, 1),
+        db_timeout_s=read_seconds(environ, "DB_TIMEOUT_S", Settings.db_timeout_s),
+        redis_timeout_s=read_seconds(environ, "REDIS_TIMEOUT_S", Settings.redis_timeout_s),
+        retry_after_s=read_int(environ, "RETRY_AFTER_S", Settings.retry_after_s, 1),
+    )
+
+
+# Types
+
+DeviceId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID_PATTERN)]
+Int32 = Annotated[int, msgspec.Meta(ge=INT32_MIN, le=INT32_MAX)]
+PowerW = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
+EnergyKwh = Annotated[float, msgspec.Meta(ge=0)]
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class Sample(msgspec.Struct, gc=False):
+    """One meter reading as the edge device uploads it. Unknown fields are ignored."""
+
+    device_id: DeviceId
+    ts: AwareDatetime
+    power_w: Int32
+    import_power_w: PowerW
+    energy_import_kwh: EnergyKwh | None = None
+    energy_export_kwh: EnergyKwh | None = None
+
+
+class Batch(msgspec.Struct):
+    samples: list[Sample]
+
+
+class RawBatch(msgspec.Struct):
+    """A batch whose samples are still undecoded JSON, to report every invalid one."""
+
+    samples: list[msgspec.Raw]
+
+
+BATCH_DECODER = msgspec.json.Decoder(Batch)
+RAW_BATCH_DECODER = msgspec.json.Decoder(RawBatch)
+SAMPLE_DECODER = msgspec.json.Decoder(Sample)
+
+
+class TokenMap:
+    """Bearer tokens of the edge devices, looked up in constant time.
+
+    The dict is keyed by the SHA-256 digest of each token, so a lookup's timing
+    reveals nothing about a token's characters, and secrets.compare_digest
+    confirms the match.
+    """
+
+    def __init__(self, tokens: dict[str, str]):
+        self._by_digest = {
+            hashlib.sha256(token.encode()).digest(): (token.encode(), device_id)
+            for token, device_id in tokens.items()
+        }
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def device_for(self, token: str) -> str | None:
+        presented = token.encode()
+        entry = self._by_digest.get(hashlib.sha256(presented).digest())
+        if entry is None or not secrets.compare_digest(entry[0], presented):
+            return None
+        return entry[1]
+
+
+class ApiError(Exception):
+    """An error that becomes a JSON response with its status code."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+        **fields: Any,
+    ):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.errors = errors
+        self.headers = headers
+        self.fields = fields
+
+
+# SQL
+
+# Created once per connection, outside any transaction, so a rolled-back batch
+# cannot take it away. ON COMMIT DELETE ROWS empties it at every commit, and a
+# rollback discards the rows of the failed batch, so no row reaches the next
+# request on the same pooled connection.
+CREATE_STAGING_TABLE = """
+CREATE TEMPORARY TABLE IF NOT EXISTS p1_staging (
+    device_id         TEXT             NOT NULL,
+    ts                TIMESTAMPTZ      NOT NULL,
+    power_w           INTEGER          NOT NULL,
+    import_power_w    INTEGER          NOT NULL,
+    energy_import_kwh DOUBLE PRECISION,
+    energy_export_kwh DOUBLE PRECISION
+) ON COMMIT DELETE ROWS
+"""
+
+SAMPLE_COLUMNS = (
+    "device_id", "ts", "power_w", "import_power_w", "energy_import_kwh", "energy_export_kwh",
+)
+
+INSERT_FROM_STAGING = """
+INSERT INTO p1_samples (device_id, ts, power_w, import_power_w, energy_import_kwh, energy_export_kwh)
+SELECT device_id, ts, power_w, import_power_w, energy_import_kwh, energy_export_kwh
+FROM p1_staging
+ON CONFLICT (device_id, ts) DO NOTHING
+"""
+
+SELECT_HYPERTABLE = """
+SELECT count(*)
+FROM timescaledb_information.hypertables
+WHERE hypertable_name = 'p1_samples'
+"""
+
+# Errors after which a retry can succeed: the server is down, restarting,
+# overloaded or cut off, or the batch lost a deadlock.
+TRANSIENT_DATABASE_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.TransactionRollbackError,
+)
+
+
+# Helpers
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return msgspec.json.encode(content)
+
+
+class RepeatFilter:
+    """Let a repeated warning through once per interval and count the rest."""
+
+    def __init__(self, interval_s: float = 60.0):
+        self.interval_s = interval_s
+        self.last_logged = -interval_s
+        self.suppressed = 0
+
+    def should_log(self) -> tuple[bool, int]:
+        """Return whether to log now and how many repeats were suppressed before."""
+        now = time.monotonic()
+        if now - self.last_logged < self.interval_s:
+            self.suppressed += 1
+            return False, 0
+        suppressed, self.suppressed, self.last_logged = self.suppressed, 0, now
+        return True, suppressed
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    body: dict[str, Any] = {"error": error.message, **error.fields}
+    if error.errors is not None:
+        body["errors"] = error.errors
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
+
+
+def service_unavailable(settings: Settings, message: str) -> ApiError:
+    """Build a 503 whose Retry-After is jittered, so that a fleet does not retry in step."""
+    retry_after = settings.retry_after_s + random.randint(0, settings.retry_after_s)
+    return ApiError(503, message, headers={"Retry-After": str(retry_after)})
+
+
+def content_length(request: Request) -> int | None:
+    value = request.headers.get("content-length")
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than {limit} bytes", max_body_bytes=limit)
+
+
+class GzipReader:
+    """Inflate a gzip body chunk by chunk and stop once it passes the limit.
+
+    A body of several gzip members, which gzip(1) writes when files are
+    concatenated, is inflated member after member.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.size = 0
+        self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> bytes:
+        output = []
+        while data:
+            try:
+                chunk = self.inflater.decompress(data, self.limit + 1 - self.size)
+            except zlib.error:
+                raise ApiError(400, "request body is not valid gzip") from None
+            self.size += len(chunk)
+            if self.size > self.limit or self.inflater.unconsumed_tail:
+                raise too_large(self.limit)
+            output.append(chunk)
+            data = self.inflater.unused_data
+            if self.inflater.eof and data:
+                self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            else:
+                data = b""
+        return b"".join(output)
+
+    def finish(self) -> None:
+        if not self.inflater.eof:
+            raise ApiError(400, "request body is a truncated gzip stream")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the request body, inflating gzip, and never hold more than ``limit`` bytes of it."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", ""):
+        raise ApiError(
+            415, f"unsupported Content-Encoding {encoding!r}: send identity or gzip",
+            supported_encodings=["identity", "gzip"],
+        )
+    declared = content_length(request)
+    if declared is not None and declared > limit:
+        raise too_large(limit)
+
+    gzip = GzipReader(limit) if encoding == "gzip" else None
+    received = 0
+    chunks = []
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise too_large(limit)
+        chunks.append(gzip.feed(chunk) if gzip else chunk)
+    if gzip:
+        gzip.finish()
+    return b"".join(chunks)
+
+
+def validation_error_entry(index: int | None, error: msgspec.ValidationError) -> dict[str, Any]:
+    """Turn a msgspec error such as "Expected `int`, got `str` - at `$.power_w`" into a dict."""
+    message, _, path = str(error).partition(" - at ")
+    field = None
+    match = re.search(r"\$\.(\w+)", path) or re.search(r"required field `(\w+)`", message)
+    if match:
+        field = match.group(1)
+    return {"index": index, "field": field, "message": message}
+
+
+def decode_batch(body: bytes, settings: Settings) -> list[Sample]:
+    """Decode a JSON batch. Raises a 422 ApiError that lists every invalid sample."""
+    try:
+        samples = BATCH_DECODER.decode(body).samples
+    except msgspec.DecodeError:
+        samples = None
+    if samples is not None:
+        check_batch_size(len(samples), settings)
+        return samples
+
+    # The fast path failed: decode again, one sample at a time, to find every error.
+    try:
+        raw_samples = RAW_BATCH_DECODER.decode(body).samples
+    except msgspec.ValidationError as error:
+        entry = validation_error_entry(None, error)
+        raise ApiError(422, f"invalid batch: {entry['message']}", [entry]) from None
+    except msgspec.DecodeError as error:
+        raise ApiError(422, f"request body is not valid JSON: {error}") from None
+    check_batch_size(len(raw_samples), settings)
+
+    errors = []
+    latest = latest_plausible_ts(settings)
+    for index, raw in enumerate(raw_samples):
+        try:
+            sample = SAMPLE_DECODER.decode(raw)
+        except msgspec.ValidationError as error:
+            errors.append(validation_error_entry(index, error))
+            continue
+        entry = time_error(index, sample, latest)
+        if entry:
+            errors.append(entry)
+    raise invalid_samples(errors, len(raw_samples))
+
+
+def check_batch_size(count: int, settings: Settings) -> None:
+    if count == 0:
+        entry = {"index": None, "field": "samples", "message": "Expected at least one sample"}
+        raise ApiError(422, "invalid batch: samples is empty", [entry])
+    if count > settings.max_batch_samples:
+        raise ApiError(
+            413, f"batch has {count} samples, more than the limit of {settings.max_batch_samples}",
+            max_batch_samples=settings.max_batch_samples,
+        )
+
+
+def latest_plausible_ts(settings: Settings) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=settings.max_clock_skew_s)
+
+
+def time_error(index: int, sample: Sample, latest: datetime) -> dict[str, Any] | None:
+    """Return an error entry if the sample's time is implausible, else None."""
+    if sample.ts < MIN_SAMPLE_TS:
+        message = "Expected a time after 2001-01-01T00:00:00Z; the meter clock is not set"
+        return {"index": index, "field": "ts", "message": message}
+    if sample.ts > latest:
+        message = "Expected a time no further ahead of the server clock than MAX_CLOCK_SKEW_S"
+        return {"index": index, "field": "ts", "message": message, "latest_allowed": latest.isoformat()}
+    return None
+
+
+def invalid_samples(errors: list[dict[str, Any]], total: int) -> ApiError:
+    invalid = len({entry["index"] for entry in errors})
+    return ApiError(
+        422,
+        f"invalid batch: {invalid} of {total} samples are invalid; nothing was stored",
+        errors[:MAX_REPORTED_ERRORS],
+        invalid_samples=invalid,
+        errors_truncated=len(errors) > MAX_REPORTED_ERRORS,
+    )
+
+
+def check_samples(samples: list[Sample], device_id: str, settings: Settings) -> None:
+    """Reject a batch with a sample of another device (403) or an implausible time (422)."""
+    foreign = [
+        {"index": index, "field": "device_id", "message": f"Expected {device_id!r}, the token's device"}
+        for index, sample in enumerate(samples)
+        if sample.device_id != device_id
+    ]
+    if foreign:
+        raise ApiError(
+            403, f"{len(foreign)} samples belong to another device than the token's; nothing was stored",
+            foreign[:MAX_REPORTED_ERRORS],
+        )
+
+    latest = latest_plausible_ts(settings)
+    errors = [entry for index, sample in enumerate(samples) if (entry := time_error(index, sample, latest))]
+    if errors:
+        raise invalid_samples(errors, len(samples))
+
+
+def unique_rows(samples: list[Sample]) -> list[tuple]:
+    """Return COPY rows with one row per timestamp. The first sample of a timestamp wins."""
+    rows = []
+    seen = set()
+    for sample in samples:
+        if sample.ts in seen:
+            continue
+        seen.add(sample.ts)
+        rows.append((
+            sample.device_id, sample.ts, sample.power_w, sample.import_power_w,
+            sample.energy_import_kwh, sample.energy_export_kwh,
+        ))
+    return rows
+
+
+async def prepare_connection(connection: asyncpg.Connection) -> None:
+    await connection.execute(CREATE_STAGING_TABLE)
+
+
+async def write_rows(pool: asyncpg.Pool, rows: list[tuple], timeout_s: float) -> int:
+    """Store rows in one transaction and return how many were new."""
+    async with pool.acquire(timeout=timeout_s) as connection, connection.transaction():
+        await connection.copy_records_to_table("p1_staging", records=rows, columns=SAMPLE_COLUMNS)
+        status = await connection.execute(INSERT_FROM_STAGING)
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def run_database(request: Request, operation, device_id: str | None = None):
+    """Await a database operation and raise a 503 ApiError if it fails transiently or is too slow.
+
+    The operation runs as its own task. When it takes longer than DB_TIMEOUT_S,
+    the request gets its 503 at once while the task is cancelled in the
+    background: a cancelled transaction rolls back, and a batch that commits
+    anyway is a duplicate that the retry skips.
+    """
+    state = request.app.state
+    settings: Settings = state.settings
+    task = asyncio.ensure_future(operation)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), settings.db_timeout_s)
+    except TimeoutError:
+        task.cancel()
+        state.background_tasks.add(task)
+        task.add_done_callback(state.background_tasks.discard)
+        logger.warning("database timed out after %.1f s device=%s", settings.db_timeout_s, device_id)
+        raise service_unavailable(settings, "database timed out; retry later") from None
+    except TRANSIENT_DATABASE_ERRORS as error:
+        logger.warning("database unavailable device=%s: %s: %s", device_id, type(error).__name__, error)
+        raise service_unavailable(settings, "database unavailable; retry later") from None
+    except asyncpg.UndefinedTableError as error:
+        logger.error("database schema is missing, apply schema.sql: %s", error)
+        raise service_unavailable(settings, "database schema is missing; retry later") from None
+
+
+async def invalidate_realtime(request: Request, device_id: str) -> None:
+    """Delete the device's cached realtime view. A failure is logged, never raised.
+
+    The rows are already committed, so a cache outage must not fail the
+    upload. A stale entry expires after CACHE_TTL_S seconds.
+    """
+    state = request.app.state
+    try:
+        await asyncio.wait_for(state.redis.delete(f"realtime:{device_id}"), state.settings.redis_timeout_s)
+    except (RedisError, OSError, TimeoutError) as error:
+        should_log, suppressed = state.redis_warnings.should_log()
+        if should_log:
+            logger.warning(
+                "Redis cache delete failed device=%s: %s: %s (%d similar warnings suppressed)",
+                device_id, type(error).__name__, error, suppressed,
+            )
+
+
+# Endpoints
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def ingest(request: Request) -> JSONResponse:
+    """Store a batch of samples of the token's device."""
+    started = time.perf_counter()
+    settings: Settings = request.app.state.settings
+    device_id: str = request.state.device_id
+
+    try:
+        body = await read_body(request, settings.max_body_bytes)
+    except ClientDisconnect:
+        logger.info("client disconnected while sending a batch device=%s", device_id)
+        return JSONResponse({"error": "client disconnected"}, status_code=400)
+    samples = decode_batch(body, settings)
+    check_samples(samples, device_id, settings)
+
+    rows = unique_rows(samples)
+    timeout_s = settings.db_timeout_s
+    inserted = await run_database(request, write_rows(request.app.state.pool, rows, timeout_s), device_id)
+    await invalidate_realtime(request, device_id)
+
+    logger.info(
+        "batch stored device=%s samples=%d inserted=%d duration_ms=%.1f",
+        device_id, len(samples), inserted, (time.perf_counter() - started) * 1000,
+    )
+    return JSONResponse({"inserted": inserted, "received": len(samples)})
+
+
+# Middleware
+
+
+def bearer_token(scope: dict) -> tuple[str | None, str]:
+    """Return the token of the Authorization header, or None and the reason it is unusable."""
+    value = next((value for name, value in scope["headers"] if name == b"authorization"), None)
+    if value is None:
+        return None, "missing Authorization header"
+
+    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None, "Authorization header must use the Bearer scheme"
+    token = token.strip()
+    if not token:
+        return None, "Bearer token is empty"
+    return token, ""
+
+
+class BearerTokenMiddleware:
+    """Authenticate requests under /v1/ by Bearer token and set request.state.device_id.
+
+    A rejected request never reaches an endpoint, so it costs no database work.
+    """
+
+    def __init__(self, app, tokens: TokenMap, prefix: str = "/v1/"):
+        self.app = app
+        self.tokens = tokens
+        self.prefix = prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+
+        token, reason = bearer_token(scope)
+        device_id = self.tokens.device_for(token) if token else None
+        if device_id is None:
+            challenge = 'Bearer realm="p1"' if token is None else 'Bearer realm="p1", error="invalid_token"'
+            response = JSONResponse(
+                {"error": reason or "unknown token"}, status_code=401,
+                headers={"WWW-Authenticate": challenge},
+            )
+            await response(scope, receive, send)
+            return
+
+        scope.setdefault("state", {})["device_id"] = device_id
+        await self.app(scope, receive, send)
+
+
+class InternalErrorMiddleware:
+    """Answer an unexpected exception with a JSON 500 and log its traceback with the device id."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        response_started = False
+
+        async def send_and_track(message):
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_track)
+        except Exception:
+            device_id = scope.get("state", {}).get("device_id")
+            logger.exception("unexpected error device=%s %s %s", device_id, scope["method"], scope["path"])
+            if not response_started:
+                response = JSONResponse({"error": "internal server error"}, status_code=500)
+                await response(scope, receive, send)
+
+
+async def handle_api_error(request: Request, error: ApiError) -> JSONResponse:
+    return error_response(error)
+
+
+async def handle_http_exception(request: Request, error: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": error.detail}, status_code=error.status_code, headers=error.headers)
+
+
+# Lifespan
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette):
+    settings: Settings = app.state.settings
+    # min_size=0 opens connections on demand, so the service starts and answers
+    # 503 while the database is still down, and recovers once it is up.
+    app.state.pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=0,
+        max_size=settings.db_pool_size,
+        init=prepare_connection,
+        timeout=settings.db_timeout_s,
+        command_timeout=settings.db_timeout_s,
+    )
+    app.state.redis = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    app.state.redis_warnings = RepeatFilter()
+    app.state.background_tasks = set()
+    logger.info(
+        "service started: %d tokens, database pool of up to %d connections",
+        len(app.state.tokens), settings.db_pool_size,
+    )
+    try:
+        yield
+    finally:
+        await close_clients(app)
+        logger.info("service stopped")
+
+
+async def close_clients(app: Starlette) -> None:
+    """Close the pool and the Redis client within a few seconds, even if the database hangs."""
+    for task in list(app.state.background_tasks):
+        task.cancel()
+    try:
+        await asyncio.wait_for(app.state.pool.close(), 5)
+    except (TimeoutError, OSError, asyncpg.PostgresError) as error:
+        logger.warning("database pool did not close cleanly, terminating it: %s", error)
+        app.state.pool.terminate()
+    try:
+        await asyncio.wait_for(app.state.redis.aclose(), 2)
+    except (TimeoutError, RedisError, OSError) as error:
+        logger.warning("Redis client did not close cleanly: %s", error)
+
+
+# App
+
+
+def create_app(settings: Settings) -> Starlette:
+    tokens = TokenMap(settings.device_tokens)
+    app = Starlette(
+        routes=[
+            Route("/", health, methods=["GET"]),
+            Route("/v1/ingest", ingest, methods=["POST"]),
+        ],
+        middleware=[
+            Middleware(InternalErrorMiddleware),
+            Middleware(BearerTokenMiddleware, tokens=tokens),
+        ],
+        exception_handlers={ApiError: handle_api_error, HTTPException: handle_http_exception},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.tokens = tokens
+    return app
+
+
+def warn_about_short_tokens(settings: Settings) -> None:
+    tokens = settings.device_tokens.items()
+    short = sorted({device for token, device in tokens if len(token) < SHORT_TOKEN_LENGTH})
+    if short:
+        logger.warning(
+            "devices with a token shorter than %d characters: %s; "
+            "make strong ones with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            SHORT_TOKEN_LENGTH, ", ".join(short),
+        )
+
+
+def create_app_from_environment() -> Starlette:
+    """Build the app from the environment and a .env file in the working directory.
+
+    Variables already in the environment win over the .env file. A bad value
+    exits with status 2 and a message that names the variable.
+    """
+    load_dotenv(".env", override=False)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        settings = load_settings(dict(os.environ))
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    warn_about_short_tokens(settings)
+    return create_app(settings)
