@@ -591,6 +591,53 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+async def database_status(state) -> str:
+    """Return "ok" when the database answers and p1_samples is a hypertable, else the problem."""
+    settings: Settings = state.settings
+
+    async def query() -> int:
+        async with state.pool.acquire(timeout=settings.db_timeout_s) as connection:
+            return await connection.fetchval(SELECT_HYPERTABLE)
+
+    try:
+        found = await asyncio.wait_for(query(), settings.db_timeout_s)
+    except TimeoutError:
+        return "timed out"
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        return f"unavailable: {type(error).__name__}"
+    if not found:
+        return "p1_samples is missing or not a hypertable; apply schema.sql"
+    return "ok"
+
+
+async def redis_status(state) -> str:
+    try:
+        await asyncio.wait_for(state.redis.ping(), state.settings.redis_timeout_s)
+    except TimeoutError:
+        return "timed out"
+    except (RedisError, OSError) as error:
+        return f"unavailable: {type(error).__name__}"
+    return "ok"
+
+
+async def ready(request: Request) -> JSONResponse:
+    """Report whether the service can take data.
+
+    Only the database decides the status code: without Redis, ingest still
+    stores every batch and the realtime view reads the database, so taking a
+    replica out of rotation for a cache outage would turn it into a full one.
+    """
+    state = request.app.state
+    database, cache = await asyncio.gather(database_status(state), redis_status(state))
+    is_ready = database == "ok"
+    if not is_ready:
+        should_log, suppressed = state.readiness_warnings.should_log()
+        if should_log:
+            logger.warning("not ready: database %s (%d similar warnings suppressed)", database, suppressed)
+    body = {"status": "ready" if is_ready else "not ready", "database": database, "redis": cache}
+    return JSONResponse(body, status_code=200 if is_ready else 503)
+
+
 async def ingest(request: Request) -> JSONResponse:
     """Store a batch of samples of the token's device."""
     started = time.perf_counter()
@@ -726,6 +773,7 @@ async def lifespan(app: Starlette):
         retry=Retry(NoBackoff(), 0),
     )
     app.state.redis_warnings = RepeatFilter()
+    app.state.readiness_warnings = RepeatFilter()
     app.state.background_tasks = set()
     logger.info(
         "service started: %d tokens, database pool of up to %d connections",
@@ -761,6 +809,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=[
             Route("/", health, methods=["GET"]),
+            Route("/ready", ready, methods=["GET"]),
             Route("/v1/ingest", ingest, methods=["POST"]),
         ],
         middleware=[
