@@ -539,6 +539,20 @@ async def write_rows(pool: asyncpg.Pool, rows: list[tuple], timeout_s: float) ->
     return int(status.rsplit(" ", 1)[1])
 
 
+def is_transient(error: BaseException) -> bool:
+    """Return whether the error, or an error it was raised while handling, can pass on a retry.
+
+    When the connection drops inside a transaction, asyncpg raises an
+    InterfaceError from the transaction's exit while handling the lost
+    connection, so the chain has to be followed.
+    """
+    while error is not None:
+        if isinstance(error, TRANSIENT_DATABASE_ERRORS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 async def run_database(request: Request, operation, device_id: str | None = None):
     """Await a database operation and raise a 503 ApiError if it fails transiently or is too slow.
 
@@ -558,7 +572,9 @@ async def run_database(request: Request, operation, device_id: str | None = None
         task.add_done_callback(state.background_tasks.discard)
         logger.warning("database timed out after %.1f s device=%s", settings.db_timeout_s, device_id)
         raise service_unavailable(settings, "database timed out; retry later") from None
-    except TRANSIENT_DATABASE_ERRORS as error:
+    except (*TRANSIENT_DATABASE_ERRORS, asyncpg.InterfaceError) as error:
+        if not is_transient(error):
+            raise
         logger.warning("database unavailable device=%s: %s: %s", device_id, type(error).__name__, error)
         raise service_unavailable(settings, "database unavailable; retry later") from None
     except asyncpg.UndefinedTableError as error:
@@ -790,8 +806,10 @@ async def close_clients(app: Starlette) -> None:
     """Close the pool and the Redis client within a few seconds, even if the database hangs."""
     for task in list(app.state.background_tasks):
         task.cancel()
+    # A container stop kills the process 10 s after SIGTERM, and a request may
+    # already have waited DB_TIMEOUT_S (5 s by default), so the pool gets 2 s.
     try:
-        await asyncio.wait_for(app.state.pool.close(), 5)
+        await asyncio.wait_for(app.state.pool.close(), 2)
     except (TimeoutError, OSError, asyncpg.PostgresError) as error:
         logger.warning("database pool did not close cleanly, terminating it: %s", error)
         app.state.pool.terminate()
