@@ -23,6 +23,7 @@ import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 import msgspec
@@ -60,6 +61,18 @@ MIN_SAMPLE_TS = datetime(2001, 1, 1, tzinfo=UTC)
 
 # A 422 lists at most this many invalid samples, so an error body stays small.
 MAX_REPORTED_ERRORS = 100
+
+# History bucket widths. A response has at most MAX_HISTORY_BUCKETS buckets:
+# 1m buckets cover up to 6.9 days, 1d buckets up to 27 years.
+HISTORY_BUCKETS = {
+    "1m": timedelta(minutes=1),
+    "5m": timedelta(minutes=5),
+    "15m": timedelta(minutes=15),
+    "1h": timedelta(hours=1),
+    "1d": timedelta(days=1),
+}
+MAX_HISTORY_BUCKETS = 10_000
+DEFAULT_HISTORY_TZ = "Europe/Amsterdam"
 
 
 class ConfigError(Exception):
@@ -210,6 +223,19 @@ RAW_BATCH_DECODER = msgspec.json.Decoder(RawBatch)
 SAMPLE_DECODER = msgspec.json.Decoder(Sample)
 
 
+class LatestSample(msgspec.Struct):
+    """A device's latest stored sample: the realtime view, and what Redis caches of it."""
+
+    ts: datetime
+    power_w: int
+    import_power_w: int
+    energy_import_kwh: float | None
+    energy_export_kwh: float | None
+
+
+LATEST_SAMPLE_DECODER = msgspec.json.Decoder(LatestSample)
+
+
 class TokenMap:
     """Bearer tokens of the edge devices, looked up in constant time.
 
@@ -287,6 +313,84 @@ SELECT count(*)
 FROM timescaledb_information.hypertables
 WHERE hypertable_name = 'p1_samples'
 """
+
+SELECT_LATEST_SAMPLE = """
+SELECT ts, power_w, import_power_w, energy_import_kwh, energy_export_kwh
+FROM p1_samples
+WHERE device_id = $1
+ORDER BY ts DESC
+LIMIT 1
+"""
+
+
+def counter_buckets(column: str) -> str:
+    """SQL for the energy per bucket from one cumulative counter.
+
+    Each reading adds its difference from the reading before it. The last
+    reading before the range has no bucket but goes first, so the energy
+    between it and the first reading in the range is booked in the first
+    bucket. numeric makes the differences of the float readings exact.
+    """
+    return f"""
+{column}_readings AS (
+    (SELECT ts, NULL::timestamptz AS bucket, {column}::numeric AS kwh
+     FROM p1_samples
+     WHERE device_id = $1 AND ts < $2 AND {column} IS NOT NULL
+     ORDER BY ts DESC
+     LIMIT 1)
+    UNION ALL
+    SELECT ts, bucket, {column}::numeric FROM in_range WHERE {column} IS NOT NULL
+),
+{column}_buckets AS (
+    -- A counter that went down was replaced or reset: it counts again from zero.
+    SELECT bucket, sum(CASE WHEN kwh < previous_kwh THEN kwh ELSE coalesce(kwh - previous_kwh, 0) END) AS kwh
+    FROM (SELECT bucket, kwh, lag(kwh) OVER (ORDER BY ts) AS previous_kwh FROM {column}_readings) AS steps
+    WHERE bucket IS NOT NULL
+    GROUP BY bucket
+)"""
+
+
+# $1 device id, $2 from, $3 to, $4 bucket width, $5 time zone. The bucket of
+# each sample is computed once, in in_range, because the time zone
+# conversion is the most expensive step per row.
+SELECT_HISTORY_TEMPLATE = f"""
+WITH in_range AS MATERIALIZED (
+    SELECT ts, {{bucket}} AS bucket, power_w, import_power_w, energy_import_kwh, energy_export_kwh
+    FROM p1_samples
+    WHERE device_id = $1 AND ts >= $2 AND ts < $3
+),
+{counter_buckets("energy_import_kwh")},
+{counter_buckets("energy_export_kwh")},
+power_buckets AS (
+    SELECT bucket,
+           count(*) AS samples,
+           avg(power_w)::float8 AS power_w_avg,
+           min(power_w) AS power_w_min,
+           max(power_w) AS power_w_max,
+           avg(import_power_w)::float8 AS import_power_w_avg
+    FROM in_range
+    GROUP BY bucket
+)
+SELECT power_buckets.*,
+       energy_import_kwh_buckets.kwh::float8 AS energy_import_kwh,
+       energy_export_kwh_buckets.kwh::float8 AS energy_export_kwh
+FROM power_buckets
+LEFT JOIN energy_import_kwh_buckets USING (bucket)
+LEFT JOIN energy_export_kwh_buckets USING (bucket)
+ORDER BY bucket
+"""
+
+# Days start at local midnight, so a day lasts 23 or 25 hours across a DST change.
+SELECT_HISTORY_BY_DAY = SELECT_HISTORY_TEMPLATE.format(bucket="time_bucket($4::interval, ts, $5)")
+
+# Shorter buckets start on the local clock at the UTC offset in force, so the
+# hour that repeats when DST ends gives two buckets. time_bucket with a time
+# zone (TimescaleDB 2.19) would put both in one bucket that starts after the
+# first hour's samples.
+LOCAL_OFFSET = "((ts AT TIME ZONE $5) - (ts AT TIME ZONE 'UTC'))"
+SELECT_HISTORY_BY_CLOCK = SELECT_HISTORY_TEMPLATE.format(
+    bucket=f"(time_bucket($4::interval, ts + {LOCAL_OFFSET}) - {LOCAL_OFFSET})"
+)
 
 # Errors after which a retry can succeed: the server is down, restarting,
 # overloaded or cut off, or the batch lost a deadlock.
@@ -582,22 +686,139 @@ async def run_database(request: Request, operation, device_id: str | None = None
         raise service_unavailable(settings, "database schema is missing; retry later") from None
 
 
+async def call_cache(state, command, device_id: str, action: str):
+    """Await a Redis command within REDIS_TIMEOUT_S. Return None if it fails, and log that.
+
+    Redis is only a cache, so its failures never fail a request. The warning
+    is logged once a minute at most, with a count of the ones left out.
+    """
+    try:
+        return await asyncio.wait_for(command, state.settings.redis_timeout_s)
+    except (RedisError, OSError, TimeoutError) as error:
+        should_log, suppressed = state.redis_warnings.should_log()
+        if should_log:
+            logger.warning(
+                "Redis cache %s failed device=%s: %s: %s (%d similar warnings suppressed)",
+                action, device_id, type(error).__name__, error, suppressed,
+            )
+        return None
+
+
 async def invalidate_realtime(request: Request, device_id: str) -> None:
-    """Delete the device's cached realtime view. A failure is logged, never raised.
+    """Delete the device's cached realtime view.
 
     The rows are already committed, so a cache outage must not fail the
     upload. A stale entry expires after CACHE_TTL_S seconds.
     """
     state = request.app.state
+    await call_cache(state, state.redis.delete(f"realtime:{device_id}"), device_id, "delete")
+
+
+async def read_cached_view(state, device_id: str) -> LatestSample | None:
+    if state.settings.cache_ttl_s == 0:
+        return None
+    cached = await call_cache(state, state.redis.get(f"realtime:{device_id}"), device_id, "read")
+    if cached is None:
+        return None
     try:
-        await asyncio.wait_for(state.redis.delete(f"realtime:{device_id}"), state.settings.redis_timeout_s)
-    except (RedisError, OSError, TimeoutError) as error:
-        should_log, suppressed = state.redis_warnings.should_log()
-        if should_log:
-            logger.warning(
-                "Redis cache delete failed device=%s: %s: %s (%d similar warnings suppressed)",
-                device_id, type(error).__name__, error, suppressed,
-            )
+        return LATEST_SAMPLE_DECODER.decode(cached)
+    except msgspec.DecodeError as error:
+        logger.warning("ignoring invalid cached realtime view device=%s: %s", device_id, error)
+        return None
+
+
+async def store_cached_view(state, device_id: str, latest: LatestSample) -> None:
+    ttl_s = state.settings.cache_ttl_s
+    if ttl_s == 0:
+        return
+    command = state.redis.set(f"realtime:{device_id}", msgspec.json.encode(latest), ex=ttl_s)
+    await call_cache(state, command, device_id, "write")
+
+
+async def fetch_latest(pool: asyncpg.Pool, device_id: str, timeout_s: float) -> LatestSample | None:
+    async with pool.acquire(timeout=timeout_s) as connection:
+        row = await connection.fetchrow(SELECT_LATEST_SAMPLE, device_id)
+    return None if row is None else LatestSample(**row)
+
+
+def realtime_body(device_id: str, latest: LatestSample, source: str) -> dict[str, Any]:
+    age_s = (datetime.now(UTC) - latest.ts).total_seconds()
+    return {
+        "device_id": device_id,
+        **msgspec.structs.asdict(latest),
+        "age_s": round(age_s, 3),
+        "source": source,
+    }
+
+
+def query_datetime(request: Request, name: str) -> datetime:
+    """Parse an RFC 3339 query parameter with an offset. Raises a 422 ApiError."""
+    value = request.query_params.get(name)
+    if not value:
+        raise query_error(name, "is required: an RFC 3339 time with an offset, e.g. 2024-03-31T00:00:00+01:00")
+    # An unencoded '+' in a query string arrives as a space: read "...T00:00:00 01:00" as "+01:00".
+    value = re.sub(r"(\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$", r"\1+\2", value)
+    try:
+        return msgspec.convert(value, AwareDatetime)
+    except msgspec.ValidationError:
+        raise query_error(
+            name, f"must be an RFC 3339 time with an offset or Z, e.g. 2024-03-31T00:00:00+01:00; got {value!r}",
+        ) from None
+
+
+def query_error(name: str, message: str) -> ApiError:
+    return ApiError(422, f"{name} {message}", [{"index": None, "field": name, "message": message}])
+
+
+def parse_history_query(request: Request) -> tuple[datetime, datetime, str, ZoneInfo]:
+    """Read and check from, to, bucket and tz. Raises a 422 ApiError naming the parameter."""
+    start = query_datetime(request, "from")
+    end = query_datetime(request, "to")
+    if start >= end:
+        raise query_error("to", "must be later than from")
+
+    bucket = request.query_params.get("bucket", "1h")
+    if bucket not in HISTORY_BUCKETS:
+        raise query_error("bucket", f"must be one of {', '.join(HISTORY_BUCKETS)}; got {bucket!r}")
+
+    tz_name = request.query_params.get("tz", DEFAULT_HISTORY_TZ)
+    try:
+        zone = ZoneInfo(tz_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise query_error("tz", f"must be an IANA time zone such as Europe/Amsterdam; got {tz_name!r}") from None
+
+    # One more bucket than the plain quotient, for partial buckets at both ends and 23-hour days.
+    buckets = (end - start) // HISTORY_BUCKETS[bucket] + 2
+    if buckets > MAX_HISTORY_BUCKETS:
+        raise query_error(
+            "bucket", f"gives up to {buckets} buckets from {start.isoformat()} to {end.isoformat()}, "
+            f"more than the maximum of {MAX_HISTORY_BUCKETS}: use a wider bucket or a shorter range",
+        )
+    return start, end, bucket, zone
+
+
+async def fetch_history(pool, device_id, start, end, bucket, zone, timeout_s) -> list[asyncpg.Record]:
+    query = SELECT_HISTORY_BY_DAY if bucket == "1d" else SELECT_HISTORY_BY_CLOCK
+    async with pool.acquire(timeout=timeout_s) as connection:
+        return await connection.fetch(query, device_id, start, end, HISTORY_BUCKETS[bucket], zone.key)
+
+
+def history_bucket(row: asyncpg.Record, zone: ZoneInfo) -> dict[str, Any]:
+    return {
+        "start": row["bucket"].astimezone(zone).isoformat(),
+        "samples": row["samples"],
+        "power_w_avg": round(row["power_w_avg"], 3),
+        "power_w_min": row["power_w_min"],
+        "power_w_max": row["power_w_max"],
+        "import_power_w_avg": round(row["import_power_w_avg"], 3),
+        "energy_import_kwh": row["energy_import_kwh"],
+        "energy_export_kwh": row["energy_export_kwh"],
+    }
+
+
+def energy_total(buckets: list[dict[str, Any]], field: str) -> float | None:
+    values = [bucket[field] for bucket in buckets if bucket[field] is not None]
+    return round(sum(values), 9) if values else None
 
 
 # Endpoints
@@ -678,6 +899,53 @@ async def ingest(request: Request) -> JSONResponse:
         device_id, len(samples), inserted, (time.perf_counter() - started) * 1000,
     )
     return JSONResponse({"inserted": inserted, "received": len(samples)})
+
+
+async def realtime(request: Request) -> JSONResponse:
+    """Return the device's latest sample, from the Redis cache when it has one."""
+    state = request.app.state
+    device_id: str = request.state.device_id
+
+    cached = await read_cached_view(state, device_id)
+    if cached is not None:
+        return JSONResponse(realtime_body(device_id, cached, "cache"))
+
+    fetch = fetch_latest(state.pool, device_id, state.settings.db_timeout_s)
+    latest = await run_database(request, fetch, device_id)
+    if latest is None:
+        raise ApiError(404, f"no samples stored for device {device_id!r}")
+    await store_cached_view(state, device_id, latest)
+    return JSONResponse(realtime_body(device_id, latest, "database"))
+
+
+async def history(request: Request) -> JSONResponse:
+    """Return the device's samples aggregated per bucket of the local clock."""
+    state = request.app.state
+    device_id: str = request.state.device_id
+    start, end, bucket, zone = parse_history_query(request)
+
+    fetch = fetch_history(state.pool, device_id, start, end, bucket, zone, state.settings.db_timeout_s)
+    try:
+        rows = await run_database(request, fetch, device_id)
+    except asyncpg.InvalidParameterValueError:
+        # zoneinfo knows the zone but the database's time zone data does not.
+        raise query_error("tz", f"is not known to the database: {zone.key!r}") from None
+
+    buckets = [history_bucket(row, zone) for row in rows]
+    return JSONResponse({
+        "device_id": device_id,
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "bucket": bucket,
+        "tz": zone.key,
+        "empty_buckets": "omitted",
+        "buckets": buckets,
+        "totals": {
+            "samples": sum(entry["samples"] for entry in buckets),
+            "energy_import_kwh": energy_total(buckets, "energy_import_kwh"),
+            "energy_export_kwh": energy_total(buckets, "energy_export_kwh"),
+        },
+    })
 
 
 # Middleware
@@ -829,6 +1097,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
             Route("/v1/ingest", ingest, methods=["POST"]),
+            Route("/v1/realtime", realtime, methods=["GET"]),
+            Route("/v1/history", history, methods=["GET"]),
         ],
         middleware=[
             Middleware(InternalErrorMiddleware),
