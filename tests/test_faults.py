@@ -310,16 +310,17 @@ def test_pool_busy_gives_503(make_client, token, device_id, db):
     client.headers["Authorization"] = f"Bearer {token}"
     assert client.post("/v1/ingest", json={"samples": series(device_id, 1)}).status_code == 200
 
+    later = {"samples": series(device_id, 5, start="2024-05-01T00:00:00Z")}
     pool = client.app.state.pool
     held = client.portal.call(pool.acquire)
     try:
         started = time.monotonic()
-        assert_retry_later(client.post("/v1/ingest", json={"samples": series(device_id, 5, start="2024-05-01T00:00:00Z")}))
+        assert_retry_later(client.post("/v1/ingest", json=later))
         assert time.monotonic() - started < 2.5
     finally:
         client.portal.call(pool.release, held)
     assert db.count(device_id) == 1
-    assert client.post("/v1/ingest", json={"samples": series(device_id, 5, start="2024-05-01T00:00:00Z")}).status_code == 200
+    assert client.post("/v1/ingest", json=later).status_code == 200
 
 
 def test_unexpected_error_gives_json_500(make_client, token, device_id, monkeypatch, caplog):
