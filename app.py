@@ -48,11 +48,12 @@ INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
 
 # Device ids appear in Redis keys, logs and URLs, so they keep to a safe set.
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+# \Z, not $, because $ also matches before a trailing newline.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}\Z"
 DEVICE_ID_RULE = "1 to 64 characters from A-Z, a-z, 0-9, '.', '_' and '-'"
 
 # The token68 syntax of RFC 6750, the only form a Bearer header can carry.
-TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 SHORT_TOKEN_LENGTH = 32
 
 # Meters without a valid clock report their factory default of 2000-01-01,
@@ -115,7 +116,7 @@ def parse_device_tokens(value: str) -> dict[str, str]:
             raise ConfigError(f"{where} has an empty token")
         if not device_id:
             raise ConfigError(f"{where} has an empty device id")
-        if not TOKEN_PATTERN.match(token):
+        if not TOKEN_PATTERN.fullmatch(token):
             raise ConfigError(
                 f"{where} has a token with characters outside A-Z, a-z, 0-9 and '-._~+/' "
                 "(with optional trailing '=')"

@@ -100,6 +100,7 @@ CASES = [
     pytest.param(lambda d: (one_sample_body(d, device_id="dev/ice"), {}), 422, "device_id", id="device-slash"),
     pytest.param(lambda d: (one_sample_body(d, device_id="dévice"), {}), 422, "device_id", id="device-unicode"),
     pytest.param(lambda d: (one_sample_body(d, device_id=7), {}), 422, "device_id", id="device-number"),
+    pytest.param(lambda d: (one_sample_body(d, device_id=d + "\n"), {}), 422, "device_id", id="device-newline"),
     pytest.param(lambda d: (one_sample_body(d, power_w=True), {}), 422, "power_w", id="power-bool"),
 ]
 
