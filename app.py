@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -23,7 +24,8 @@ import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, available_timezones
 
 import asyncpg
 import msgspec
@@ -46,6 +48,8 @@ logger = logging.getLogger("app")
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Device ids appear in Redis keys, logs and URLs, so they keep to a safe set.
 # \Z, not $, because $ also matches before a trailing newline.
@@ -74,6 +78,10 @@ HISTORY_BUCKETS = {
 }
 MAX_HISTORY_BUCKETS = 10_000
 DEFAULT_HISTORY_TZ = "Europe/Amsterdam"
+# Query ranges stay well inside what Python's datetime and PostgreSQL's
+# timestamptz hold in any time zone.
+HISTORY_EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+HISTORY_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 class ConfigError(Exception):
@@ -91,10 +99,14 @@ class Settings:
     max_body_bytes: int = 2 * 1024 * 1024
     max_batch_samples: int = 10_000
     max_clock_skew_s: int = 900
+    max_requests_per_device: int = 8
     db_pool_size: int = 10
     db_timeout_s: float = 5.0
+    history_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
     redis_timeout_s: float = 0.5
     retry_after_s: int = 5
+    log_level: str = "INFO"
 
 
 def parse_device_tokens(value: str) -> dict[str, str]:
@@ -121,8 +133,11 @@ def parse_device_tokens(value: str) -> dict[str, str]:
                 f"{where} has a token with characters outside A-Z, a-z, 0-9 and '-._~+/' "
                 "(with optional trailing '=')"
             )
+        if ":" in device_id:
+            raise ConfigError(f"{where} has more than one ':'; the format is token:device_id")
         if not re.match(DEVICE_ID_PATTERN, device_id):
-            raise ConfigError(f"{where} has device id {device_id!r}; a device id is {DEVICE_ID_RULE}")
+            # The entry may be malformed in a way that puts the token here, so it is not repeated.
+            raise ConfigError(f"{where} has an invalid device id; a device id is {DEVICE_ID_RULE}")
         if token in tokens:
             raise ConfigError(f"{where} repeats the token of entry {positions[token]}")
         tokens[token] = device_id
@@ -130,47 +145,58 @@ def parse_device_tokens(value: str) -> dict[str, str]:
     return tokens
 
 
-def read_int(environ: dict[str, str], name: str, default: int, minimum: int) -> int:
+def read_int(environ: dict[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        kind = "a non-negative integer" if minimum == 0 else f"an integer >= {minimum}"
-        raise ConfigError(f"{name} must be {kind}, got {raw!r}")
+    # int() would also take "1_000" and digits of other scripts.
+    value = int(raw) if raw.isascii() and raw.isdigit() else None
+    if value is None or not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be an integer from {minimum} to {maximum}, got {raw!r}")
     return value
 
 
-def read_seconds(environ: dict[str, str], name: str, default: float) -> float:
+def read_seconds(environ: dict[str, str], name: str, default: float, minimum: float = 0.01) -> float:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        value = 0.0
-    if not 0 < value < 3600:
-        raise ConfigError(f"{name} must be a number of seconds above 0 and below 3600, got {raw!r}")
+        value = float("nan")
+    if not minimum <= value <= 3600:
+        raise ConfigError(f"{name} must be a number of seconds from {minimum} to 3600, got {raw!r}")
     return value
 
 
-def read_required(environ: dict[str, str], name: str, schemes: tuple[str, ...]) -> str:
+def read_url(environ: dict[str, str], name: str, schemes: tuple[str, ...]) -> str:
     value = environ.get(name, "").strip()
     if not value:
         raise ConfigError(f"{name} is required but not set")
-    # The URL may carry a password, so the message names only the scheme rule.
+    # The URL may carry a password, so no message repeats it.
     if not value.startswith(schemes):
         raise ConfigError(f"{name} must start with one of {', '.join(schemes)}")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read.
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL: check its host and port") from None
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"{name} has no host name")
     return value
+
+
+def read_log_level(environ: dict[str, str]) -> str:
+    level = environ.get("LOG_LEVEL", "INFO").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
 
 
 def load_settings(environ: dict[str, str]) -> Settings:
     """Build Settings from environment variables. Raises ConfigError on any bad value."""
-    database_url = read_required(environ, "DATABASE_URL", ("postgresql://", "postgres://"))
-    redis_url = read_required(environ, "REDIS_URL", ("redis://", "rediss://", "unix://"))
+    database_url = read_url(environ, "DATABASE_URL", ("postgresql://", "postgres://"))
+    redis_url = read_url(environ, "REDIS_URL", ("redis://", "rediss://", "unix://"))
     if not environ.get("DEVICE_TOKENS", "").strip():
         raise ConfigError("DEVICE_TOKENS is required but not set")
 
@@ -178,14 +204,20 @@ def load_settings(environ: dict[str, str]) -> Settings:
         database_url=database_url,
         redis_url=redis_url,
         device_tokens=parse_device_tokens(environ["DEVICE_TOKENS"]),
-        cache_ttl_s=read_int(environ, "CACHE_TTL_S", 5, 0),
-        max_body_bytes=read_int(environ, "MAX_BODY_BYTES", Settings.max_body_bytes, 1024),
-        max_batch_samples=read_int(environ, "MAX_BATCH_SAMPLES", Settings.max_batch_samples, 1),
-        max_clock_skew_s=read_int(environ, "MAX_CLOCK_SKEW_S", Settings.max_clock_skew_s, 0),
-        db_pool_size=read_int(environ, "DB_POOL_SIZE", Settings.db_pool_size, 1),
+        cache_ttl_s=read_int(environ, "CACHE_TTL_S", Settings.cache_ttl_s, 0, 86_400),
+        max_body_bytes=read_int(environ, "MAX_BODY_BYTES", Settings.max_body_bytes, 1024, 1024**3),
+        max_batch_samples=read_int(environ, "MAX_BATCH_SAMPLES", Settings.max_batch_samples, 1, 1_000_000),
+        max_clock_skew_s=read_int(environ, "MAX_CLOCK_SKEW_S", Settings.max_clock_skew_s, 0, 86_400),
+        max_requests_per_device=read_int(
+            environ, "MAX_REQUESTS_PER_DEVICE", Settings.max_requests_per_device, 1, 10_000,
+        ),
+        db_pool_size=read_int(environ, "DB_POOL_SIZE", Settings.db_pool_size, 1, 1000),
         db_timeout_s=read_seconds(environ, "DB_TIMEOUT_S", Settings.db_timeout_s),
+        history_timeout_s=read_seconds(environ, "HISTORY_TIMEOUT_S", Settings.history_timeout_s),
+        body_timeout_s=read_seconds(environ, "BODY_TIMEOUT_S", Settings.body_timeout_s, 1),
         redis_timeout_s=read_seconds(environ, "REDIS_TIMEOUT_S", Settings.redis_timeout_s),
-        retry_after_s=read_int(environ, "RETRY_AFTER_S", Settings.retry_after_s, 1),
+        retry_after_s=read_int(environ, "RETRY_AFTER_S", Settings.retry_after_s, 1, 3600),
+        log_level=read_log_level(environ),
     )
 
 
@@ -194,7 +226,9 @@ def load_settings(environ: dict[str, str]) -> Settings:
 DeviceId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID_PATTERN)]
 Int32 = Annotated[int, msgspec.Meta(ge=INT32_MIN, le=INT32_MAX)]
 PowerW = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
-EnergyKwh = Annotated[float, msgspec.Meta(ge=0)]
+# 1 TWh is far beyond any meter's register, and the bound keeps sums of
+# counter differences finite.
+EnergyKwh = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
 AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 
@@ -327,10 +361,14 @@ LIMIT 1
 def counter_buckets(column: str) -> str:
     """SQL for the energy per bucket from one cumulative counter.
 
-    Each reading adds its difference from the reading before it. The last
-    reading before the range has no bucket but goes first, so the energy
-    between it and the first reading in the range is booked in the first
-    bucket. numeric makes the differences of the float readings exact.
+    Each reading adds its difference from the reading before it, or its whole
+    value when the counter went down (a replaced meter counts from zero).
+    The two readings before the range and the first after it have no bucket
+    but take part, so the energy up to the first reading in the range is
+    booked in the first bucket. A single reading outside the span of its
+    two neighbours, while they are in order, is dropped: a telegram damaged
+    on the serial line would otherwise count as a meter replacement.
+    numeric makes the differences of the float readings exact.
     """
     return f"""
 {column}_readings AS (
@@ -338,14 +376,27 @@ def counter_buckets(column: str) -> str:
      FROM p1_samples
      WHERE device_id = $1 AND ts < $2 AND {column} IS NOT NULL
      ORDER BY ts DESC
-     LIMIT 1)
+     LIMIT 2)
     UNION ALL
     SELECT ts, bucket, {column}::numeric FROM in_range WHERE {column} IS NOT NULL
+    UNION ALL
+    (SELECT ts, NULL::timestamptz, {column}::numeric
+     FROM p1_samples
+     WHERE device_id = $1 AND ts >= $3 AND {column} IS NOT NULL
+     ORDER BY ts
+     LIMIT 1)
+),
+{column}_kept AS (
+    SELECT ts, bucket, kwh
+    FROM (SELECT ts, bucket, kwh,
+                 lag(kwh) OVER (ORDER BY ts) AS before_kwh,
+                 lead(kwh) OVER (ORDER BY ts) AS after_kwh
+          FROM {column}_readings) AS neighbours
+    WHERE NOT coalesce(before_kwh <= after_kwh AND (kwh < before_kwh OR kwh > after_kwh), FALSE)
 ),
 {column}_buckets AS (
-    -- A counter that went down was replaced or reset: it counts again from zero.
     SELECT bucket, sum(CASE WHEN kwh < previous_kwh THEN kwh ELSE coalesce(kwh - previous_kwh, 0) END) AS kwh
-    FROM (SELECT bucket, kwh, lag(kwh) OVER (ORDER BY ts) AS previous_kwh FROM {column}_readings) AS steps
+    FROM (SELECT bucket, kwh, lag(kwh) OVER (ORDER BY ts) AS previous_kwh FROM {column}_kept) AS steps
     WHERE bucket IS NOT NULL
     GROUP BY bucket
 )"""
@@ -391,6 +442,14 @@ SELECT_HISTORY_BY_DAY = SELECT_HISTORY_TEMPLATE.format(bucket="time_bucket($4::i
 LOCAL_OFFSET = "((ts AT TIME ZONE $5) - (ts AT TIME ZONE 'UTC'))"
 SELECT_HISTORY_BY_CLOCK = SELECT_HISTORY_TEMPLATE.format(
     bucket=f"(time_bucket($4::interval, ts + {LOCAL_OFFSET}) - {LOCAL_OFFSET})"
+)
+
+# Errors that an operator has to fix: the schema is missing, or the database
+# or its user named in DATABASE_URL does not exist. Uploads wait for the fix.
+DATABASE_SETUP_ERRORS = (
+    asyncpg.UndefinedTableError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.InvalidAuthorizationSpecificationError,
 )
 
 # Errors after which a retry can succeed: the server is down, restarting,
@@ -461,17 +520,23 @@ class GzipReader:
     """Inflate a gzip body chunk by chunk and stop once it passes the limit.
 
     A body of several gzip members, which gzip(1) writes when files are
-    concatenated, is inflated member after member.
+    concatenated, is inflated member after member. Zero bytes after the last
+    member are padding, which gzip(1) also ignores.
     """
 
     def __init__(self, limit: int):
         self.limit = limit
         self.size = 0
         self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        self.in_padding = False
 
     def feed(self, data: bytes) -> bytes:
         output = []
         while data:
+            if self.in_padding:
+                if data.strip(b"\0"):
+                    raise ApiError(400, "request body has data after the zero padding of its gzip stream")
+                break
             try:
                 chunk = self.inflater.decompress(data, self.limit + 1 - self.size)
             except zlib.error:
@@ -480,11 +545,11 @@ class GzipReader:
             if self.size > self.limit or self.inflater.unconsumed_tail:
                 raise too_large(self.limit)
             output.append(chunk)
-            data = self.inflater.unused_data
-            if self.inflater.eof and data:
+            data = self.inflater.unused_data if self.inflater.eof else b""
+            if data and data.strip(b"\0"):
                 self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-            else:
-                data = b""
+            elif data:
+                self.in_padding = True
         return b"".join(output)
 
     def finish(self) -> None:
@@ -492,32 +557,53 @@ class GzipReader:
             raise ApiError(400, "request body is a truncated gzip stream")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the request body, inflating gzip, and never hold more than ``limit`` bytes of it."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip", ""):
-        raise ApiError(
-            415, f"unsupported Content-Encoding {encoding!r}: send identity or gzip",
-            supported_encodings=["identity", "gzip"],
-        )
+def content_encoding(request: Request) -> str:
+    """Return "gzip" or "identity" from the Content-Encoding headers. Raises a 415 ApiError otherwise."""
+    codings = [
+        coding.strip().lower()
+        for value in request.headers.getlist("content-encoding")
+        for coding in value.split(",")
+    ]
+    codings = [coding for coding in codings if coding not in ("", "identity")]
+    if not codings:
+        return "identity"
+    # RFC 9110 asks recipients to read x-gzip as gzip.
+    if codings in (["gzip"], ["x-gzip"]):
+        return "gzip"
+    raise ApiError(
+        415, f"unsupported Content-Encoding {', '.join(codings)!r}: send identity or a single gzip",
+        supported_encodings=["identity", "gzip"],
+    )
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """Read the request body, inflating gzip, and never hold more than ``limit`` bytes of it.
+
+    A body that takes longer than ``timeout_s`` gets a 408, so that a slow
+    sender cannot hold a connection and its buffered bytes for ever.
+    """
+    gzip = GzipReader(limit) if content_encoding(request) == "gzip" else None
     declared = content_length(request)
     if declared is not None and declared > limit:
         raise too_large(limit)
 
-    gzip = GzipReader(limit) if encoding == "gzip" else None
     received = 0
     chunks = []
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise too_large(limit)
-        chunks.append(gzip.feed(chunk) if gzip else chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise too_large(limit)
+                chunks.append(gzip.feed(chunk) if gzip else chunk)
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {timeout_s:g} s", body_timeout_s=timeout_s) from None
     if gzip:
         gzip.finish()
     return b"".join(chunks)
 
 
-def validation_error_entry(index: int | None, error: msgspec.ValidationError) -> dict[str, Any]:
+def validation_error_entry(index: int | None, error: msgspec.DecodeError) -> dict[str, Any]:
     """Turn a msgspec error such as "Expected `int`, got `str` - at `$.power_w`" into a dict."""
     message, _, path = str(error).partition(" - at ")
     field = None
@@ -529,6 +615,14 @@ def validation_error_entry(index: int | None, error: msgspec.ValidationError) ->
 
 def decode_batch(body: bytes, settings: Settings) -> list[Sample]:
     """Decode a JSON batch. Raises a 422 ApiError that lists every invalid sample."""
+    try:
+        return decode_samples(body, settings)
+    except RecursionError:
+        # msgspec stops at Python's recursion limit, about 1,000 levels of nesting.
+        raise ApiError(422, "request body is nested too deeply") from None
+
+
+def decode_samples(body: bytes, settings: Settings) -> list[Sample]:
     try:
         samples = BATCH_DECODER.decode(body).samples
     except msgspec.DecodeError:
@@ -552,7 +646,8 @@ def decode_batch(body: bytes, settings: Settings) -> list[Sample]:
     for index, raw in enumerate(raw_samples):
         try:
             sample = SAMPLE_DECODER.decode(raw)
-        except msgspec.ValidationError as error:
+        except msgspec.DecodeError as error:
+            # A ValidationError names its field. Invalid UTF-8 in a string is a DecodeError.
             errors.append(validation_error_entry(index, error))
             continue
         entry = time_error(index, sample, latest)
@@ -658,33 +753,45 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
-async def run_database(request: Request, operation, device_id: str | None = None):
+async def run_database(request: Request, operation, device_id: str | None = None, timeout_s: float | None = None):
     """Await a database operation and raise a 503 ApiError if it fails transiently or is too slow.
 
-    The operation runs as its own task. When it takes longer than DB_TIMEOUT_S,
-    the request gets its 503 at once while the task is cancelled in the
-    background: a cancelled transaction rolls back, and a batch that commits
-    anyway is a duplicate that the retry skips.
+    The operation runs as its own task. When it takes longer than
+    ``timeout_s`` (DB_TIMEOUT_S by default), the request gets its 503 at once
+    while the task is cancelled in the background: a cancelled transaction
+    rolls back, and a batch that commits anyway is a duplicate that the retry
+    skips. Warnings are logged once a minute at most, with a count of the
+    ones left out, because an outage fails every request.
     """
     state = request.app.state
     settings: Settings = state.settings
+    timeout_s = timeout_s or settings.db_timeout_s
     task = asyncio.ensure_future(operation)
     try:
-        return await asyncio.wait_for(asyncio.shield(task), settings.db_timeout_s)
+        return await asyncio.wait_for(asyncio.shield(task), timeout_s)
     except TimeoutError:
         task.cancel()
         state.background_tasks.add(task)
         task.add_done_callback(state.background_tasks.discard)
-        logger.warning("database timed out after %.1f s device=%s", settings.db_timeout_s, device_id)
+        log_database_problem(state, "database timed out after %.1f s device=%s", timeout_s, device_id)
         raise service_unavailable(settings, "database timed out; retry later") from None
-    except (*TRANSIENT_DATABASE_ERRORS, asyncpg.InterfaceError) as error:
+    except (*TRANSIENT_DATABASE_ERRORS, asyncpg.InterfaceError, asyncpg.InternalClientError) as error:
         if not is_transient(error):
             raise
-        logger.warning("database unavailable device=%s: %s: %s", device_id, type(error).__name__, error)
+        log_database_problem(state, "database unavailable device=%s: %s: %s", device_id, type(error).__name__, error)
         raise service_unavailable(settings, "database unavailable; retry later") from None
-    except asyncpg.UndefinedTableError as error:
-        logger.error("database schema is missing, apply schema.sql: %s", error)
-        raise service_unavailable(settings, "database schema is missing; retry later") from None
+    except DATABASE_SETUP_ERRORS as error:
+        log_database_problem(
+            state, "database rejected the service, check DATABASE_URL and apply schema.sql: %s: %s",
+            type(error).__name__, error, level=logging.ERROR,
+        )
+        raise service_unavailable(settings, "database not set up for this service; retry later") from None
+
+
+def log_database_problem(state, message: str, *args, level: int = logging.WARNING) -> None:
+    should_log, suppressed = state.database_warnings.should_log()
+    if should_log:
+        logger.log(level, message + " (%d similar messages suppressed)", *args, suppressed)
 
 
 async def call_cache(state, command, device_id: str, action: str):
@@ -752,23 +859,48 @@ def realtime_body(device_id: str, latest: LatestSample, source: str) -> dict[str
     }
 
 
+def query_value(request: Request, name: str, default: str | None = None) -> str | None:
+    """Return a query parameter. Raises a 422 ApiError if it is given more than once."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise query_error(name, "is given more than once")
+    return values[0] if values else default
+
+
 def query_datetime(request: Request, name: str) -> datetime:
     """Parse an RFC 3339 query parameter with an offset. Raises a 422 ApiError."""
-    value = request.query_params.get(name)
+    value = query_value(request, name)
     if not value:
         raise query_error(name, "is required: an RFC 3339 time with an offset, e.g. 2024-03-31T00:00:00+01:00")
     # An unencoded '+' in a query string arrives as a space: read "...T00:00:00 01:00" as "+01:00".
     value = re.sub(r"(\d\d:\d\d(?::\d\d(?:\.\d+)?)?) (\d\d:\d\d)$", r"\1+\2", value)
     try:
-        return msgspec.convert(value, AwareDatetime)
+        moment = msgspec.convert(value, AwareDatetime)
     except msgspec.ValidationError:
         raise query_error(
             name, f"must be an RFC 3339 time with an offset or Z, e.g. 2024-03-31T00:00:00+01:00; got {value!r}",
         ) from None
+    if not HISTORY_EARLIEST <= moment <= HISTORY_LATEST:
+        raise query_error(name, f"must lie between {HISTORY_EARLIEST.isoformat()} and {HISTORY_LATEST.isoformat()}")
+    return moment
 
 
 def query_error(name: str, message: str) -> ApiError:
     return ApiError(422, f"{name} {message}", [{"index": None, "field": name, "message": message}])
+
+
+@functools.cache
+def history_time_zones() -> frozenset[str]:
+    """IANA zone names of the zone database, without the host-dependent ``localtime`` and ``Factory``."""
+    return frozenset(available_timezones() - {"localtime", "Factory"})
+
+
+def query_zone(request: Request) -> ZoneInfo:
+    # Zone names contain no spaces, so a space is an unencoded '+', as in Etc/GMT+5.
+    name = query_value(request, "tz", DEFAULT_HISTORY_TZ).replace(" ", "+")
+    if name not in history_time_zones():
+        raise query_error("tz", f"must be an IANA time zone such as Europe/Amsterdam; got {name[:64]!r}")
+    return ZoneInfo(name)
 
 
 def parse_history_query(request: Request) -> tuple[datetime, datetime, str, ZoneInfo]:
@@ -778,15 +910,10 @@ def parse_history_query(request: Request) -> tuple[datetime, datetime, str, Zone
     if start >= end:
         raise query_error("to", "must be later than from")
 
-    bucket = request.query_params.get("bucket", "1h")
+    bucket = query_value(request, "bucket", "1h")
     if bucket not in HISTORY_BUCKETS:
-        raise query_error("bucket", f"must be one of {', '.join(HISTORY_BUCKETS)}; got {bucket!r}")
-
-    tz_name = request.query_params.get("tz", DEFAULT_HISTORY_TZ)
-    try:
-        zone = ZoneInfo(tz_name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise query_error("tz", f"must be an IANA time zone such as Europe/Amsterdam; got {tz_name!r}") from None
+        raise query_error("bucket", f"must be one of {', '.join(HISTORY_BUCKETS)}; got {bucket[:16]!r}")
+    zone = query_zone(request)
 
     # One more bucket than the plain quotient, for partial buckets at both ends and 23-hour days.
     buckets = (end - start) // HISTORY_BUCKETS[bucket] + 2
@@ -801,7 +928,9 @@ def parse_history_query(request: Request) -> tuple[datetime, datetime, str, Zone
 async def fetch_history(pool, device_id, start, end, bucket, zone, timeout_s) -> list[asyncpg.Record]:
     query = SELECT_HISTORY_BY_DAY if bucket == "1d" else SELECT_HISTORY_BY_CLOCK
     async with pool.acquire(timeout=timeout_s) as connection:
-        return await connection.fetch(query, device_id, start, end, HISTORY_BUCKETS[bucket], zone.key)
+        return await connection.fetch(
+            query, device_id, start, end, HISTORY_BUCKETS[bucket], zone.key, timeout=timeout_s,
+        )
 
 
 def history_bucket(row: asyncpg.Record, zone: ZoneInfo) -> dict[str, Any]:
@@ -883,7 +1012,7 @@ async def ingest(request: Request) -> JSONResponse:
     device_id: str = request.state.device_id
 
     try:
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
     except ClientDisconnect:
         logger.info("client disconnected while sending a batch device=%s", device_id)
         return JSONResponse({"error": "client disconnected"}, status_code=400)
@@ -925,9 +1054,10 @@ async def history(request: Request) -> JSONResponse:
     device_id: str = request.state.device_id
     start, end, bucket, zone = parse_history_query(request)
 
-    fetch = fetch_history(state.pool, device_id, start, end, bucket, zone, state.settings.db_timeout_s)
+    timeout_s = state.settings.history_timeout_s
+    fetch = fetch_history(state.pool, device_id, start, end, bucket, zone, timeout_s)
     try:
-        rows = await run_database(request, fetch, device_id)
+        rows = await run_database(request, fetch, device_id, timeout_s)
     except asyncpg.InvalidParameterValueError:
         # zoneinfo knows the zone but the database's time zone data does not.
         raise query_error("tz", f"is not known to the database: {zone.key!r}") from None
@@ -954,14 +1084,16 @@ async def history(request: Request) -> JSONResponse:
 
 def bearer_token(scope: dict) -> tuple[str | None, str]:
     """Return the token of the Authorization header, or None and the reason it is unusable."""
-    value = next((value for name, value in scope["headers"] if name == b"authorization"), None)
-    if value is None:
+    values = [value for name, value in scope["headers"] if name == b"authorization"]
+    if not values:
         return None, "missing Authorization header"
+    if len(values) > 1:
+        return None, "more than one Authorization header"
 
-    scheme, _, token = value.decode("latin-1").strip().partition(" ")
-    if scheme.lower() != "bearer":
+    parts = values[0].decode("latin-1").split(None, 1)
+    if not parts or parts[0].lower() != "bearer":
         return None, "Authorization header must use the Bearer scheme"
-    token = token.strip()
+    token = parts[1].strip() if len(parts) == 2 else ""
     if not token:
         return None, "Bearer token is empty"
     return token, ""
@@ -971,12 +1103,18 @@ class BearerTokenMiddleware:
     """Authenticate requests under /v1/ by Bearer token and set request.state.device_id.
 
     A rejected request never reaches an endpoint, so it costs no database work.
+    A device with MAX_REQUESTS_PER_DEVICE requests in progress gets 429 for the
+    next, so that one token cannot hold every connection or the memory of many
+    slow uploads.
     """
 
-    def __init__(self, app, tokens: TokenMap, prefix: str = "/v1/"):
+    def __init__(self, app, tokens: TokenMap, max_requests_per_device: int, prefix: str = "/v1/"):
         self.app = app
         self.tokens = tokens
+        self.max_requests_per_device = max_requests_per_device
         self.prefix = prefix
+        self.in_progress: dict[str, int] = {}
+        self.warnings = RepeatFilter()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
@@ -994,8 +1132,29 @@ class BearerTokenMiddleware:
             await response(scope, receive, send)
             return
 
+        if self.in_progress.get(device_id, 0) >= self.max_requests_per_device:
+            should_log, suppressed = self.warnings.should_log()
+            if should_log:
+                logger.warning(
+                    "too many requests in progress device=%s limit=%d (%d similar warnings suppressed)",
+                    device_id, self.max_requests_per_device, suppressed,
+                )
+            response = JSONResponse(
+                {"error": f"more than {self.max_requests_per_device} requests of this device in progress; "
+                          "retry after the others finish"},
+                status_code=429, headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
+            return
+
         scope.setdefault("state", {})["device_id"] = device_id
-        await self.app(scope, receive, send)
+        self.in_progress[device_id] = self.in_progress.get(device_id, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress[device_id] -= 1
+            if not self.in_progress[device_id]:
+                del self.in_progress[device_id]
 
 
 class InternalErrorMiddleware:
@@ -1028,6 +1187,12 @@ class InternalErrorMiddleware:
 
 
 async def handle_api_error(request: Request, error: ApiError) -> JSONResponse:
+    if error.status_code < 500:
+        logger.info(
+            "request rejected status=%d device=%s %s %s: %s",
+            error.status_code, request.scope.get("state", {}).get("device_id"),
+            request.method, request.url.path, error.message,
+        )
     return error_response(error)
 
 
@@ -1059,6 +1224,7 @@ async def lifespan(app: Starlette):
     )
     app.state.redis_warnings = RepeatFilter()
     app.state.readiness_warnings = RepeatFilter()
+    app.state.database_warnings = RepeatFilter()
     app.state.background_tasks = set()
     logger.info(
         "service started: %d tokens, database pool of up to %d connections",
@@ -1103,7 +1269,7 @@ def create_app(settings: Settings) -> Starlette:
         ],
         middleware=[
             Middleware(InternalErrorMiddleware),
-            Middleware(BearerTokenMiddleware, tokens=tokens),
+            Middleware(BearerTokenMiddleware, tokens=tokens, max_requests_per_device=settings.max_requests_per_device),
         ],
         exception_handlers={ApiError: handle_api_error, HTTPException: handle_http_exception},
         lifespan=lifespan,
@@ -1113,14 +1279,19 @@ def create_app(settings: Settings) -> Starlette:
     return app
 
 
-def warn_about_short_tokens(settings: Settings) -> None:
-    tokens = settings.device_tokens.items()
-    short = sorted({device for token, device in tokens if len(token) < SHORT_TOKEN_LENGTH})
+def warn_about_weak_tokens(settings: Settings) -> None:
+    """Log a warning for short tokens. Neither warning names a device, which may be a swapped token."""
+    pairs = settings.device_tokens.items()
+    short = sum(1 for token, _ in pairs if len(token) < SHORT_TOKEN_LENGTH)
     if short:
         logger.warning(
-            "devices with a token shorter than %d characters: %s; "
-            "make strong ones with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
-            SHORT_TOKEN_LENGTH, ", ".join(short),
+            "%d of %d tokens in DEVICE_TOKENS are shorter than %d characters; make strong ones with: "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            short, len(pairs), SHORT_TOKEN_LENGTH,
+        )
+    if any(len(device_id) > len(token) for token, device_id in pairs):
+        logger.warning(
+            "a device id in DEVICE_TOKENS is longer than its token: check that each entry is token:device_id"
         )
 
 
@@ -1131,14 +1302,11 @@ def create_app_from_environment() -> Starlette:
     exits with status 2 and a message that names the variable.
     """
     load_dotenv(".env", override=False)
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
     try:
         settings = load_settings(dict(os.environ))
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    warn_about_short_tokens(settings)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    warn_about_weak_tokens(settings)
     return create_app(settings)

@@ -10,9 +10,10 @@ whose ``obis <code>`` columns contain the raw values with their units
 
 A telegram that cannot become a sample raises ``TelegramSkipped`` with the
 reason: it has no timestamp (DSMR 2.2), no electricity power (district heat),
-or it is incomplete. The functions that convert whole files log each skip at
-WARNING level and continue. Malformed values raise ``ValueError``. The CRC after
-the end line ``!`` is not checked.
+or it is incomplete. A malformed value raises ``ValueError``. The functions that
+convert whole files log both kinds of skip at WARNING level and continue, as
+an edge device skips a telegram damaged by line noise. The CRC after the end
+line ``!`` is not checked.
 
 Command line, one JSON document ``{"samples": [...]}`` per batch and line::
 
@@ -198,12 +199,11 @@ def samples_from_telegram_file(path: str | Path, device_id: str) -> list[dict]:
     text = Path(path).read_text(encoding="latin-1")
     samples = []
     for number, telegram in enumerate(split_telegrams(text), start=1):
+        # A raw capture contains telegrams damaged by line noise: skip them as the edge device does.
         try:
             samples.append(sample_from_telegram(telegram, device_id))
-        except TelegramSkipped as skip:
+        except (TelegramSkipped, ValueError) as skip:
             logger.warning("skipped telegram %d in %s: %s", number, path, skip)
-        except ValueError as error:
-            raise ValueError(f"{path}, telegram {number}: {error}") from error
     return samples
 
 
@@ -223,10 +223,8 @@ def samples_from_series_csv(path: str | Path, device_id: str) -> list[dict]:
             }
             try:
                 samples.append(sample_from_obis(values, device_id))
-            except TelegramSkipped as skip:
+            except (TelegramSkipped, ValueError) as skip:
                 logger.warning("skipped row %d in %s: %s", row_number, path, skip)
-            except ValueError as error:
-                raise ValueError(f"{path}, row {row_number}: {error}") from error
     return samples
 
 

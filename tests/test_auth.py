@@ -31,10 +31,12 @@ def test_bearer_scheme_case_insensitive(make_client, token, device_id):
         pytest.param("Bearer", "Bearer token is empty", id="empty"),
         pytest.param("Bearer    ", "Bearer token is empty", id="blank"),
         pytest.param("Bearer not-a-known-token", "unknown token", id="unknown"),
+        pytest.param([("Authorization", "Bearer x"), ("Authorization", "Bearer y")],
+                     "more than one Authorization header", id="two-headers"),
     ],
 )
 def test_rejected_header_gives_401(make_client, device_id, db, header, message):
-    headers = {} if header is None else {"Authorization": header}
+    headers = {} if header is None else header if isinstance(header, list) else {"Authorization": header}
     body = {"samples": [sample(device_id, "2024-03-01T12:00:00Z")]}
     response = make_client().post("/v1/ingest", json=body, headers=headers)
     assert response.status_code == 401
@@ -50,3 +52,9 @@ def test_other_devices_token_rejected_with_403(make_client, settings, device_id,
     response = make_client().post("/v1/ingest", json=body, headers={"Authorization": f"Bearer {other_token}"})
     assert response.status_code == 403
     assert db.count(device_id) == 0
+
+
+def test_tab_after_scheme_accepted(make_client, token, device_id):
+    body = {"samples": [sample(device_id, "2024-03-01T12:00:00Z")]}
+    response = make_client().post("/v1/ingest", json=body, headers={"Authorization": f"Bearer\t{token}"})
+    assert response.status_code == 200

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import time
 import zlib
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from helpers import sample, series
 
@@ -102,6 +104,25 @@ CASES = [
     pytest.param(lambda d: (one_sample_body(d, device_id=7), {}), 422, "device_id", id="device-number"),
     pytest.param(lambda d: (one_sample_body(d, device_id=d + "\n"), {}), 422, "device_id", id="device-newline"),
     pytest.param(lambda d: (one_sample_body(d, power_w=True), {}), 422, "power_w", id="power-bool"),
+    pytest.param(
+        lambda d: (one_sample_body(d, energy_import_kwh=1e10), {}), 422, "energy_import_kwh", id="energy-above-1twh",
+    ),
+    pytest.param(
+        lambda d: (encode(series(d, 2)).replace(b'"power_w": -1', b'"power_w": -1, "x": ' + b"[" * 2000 + b"]" * 2000),
+                   {}),
+        422, None, id="deeply-nested",
+    ),
+    pytest.param(
+        lambda d: (encode(series(d, 2)).replace(d.encode(), b"\xff", 1), {}), 422, None, id="invalid-utf8-in-sample",
+    ),
+    pytest.param(
+        lambda d: (gzip.compress(gzip.compress(encode(series(d, 2)))), {"Content-Encoding": "gzip, gzip"}), 415, None,
+        id="gzip-twice",
+    ),
+    pytest.param(
+        lambda d: (gzip.compress(encode(series(d, 2))) + b"garbage", {"Content-Encoding": "gzip"}), 400, None,
+        id="gzip-trailing-garbage",
+    ),
 ]
 
 
@@ -179,6 +200,22 @@ def test_gzip_concatenated_members_accepted(limited_client, device_id, db):
     assert db.count(device_id) == 20
 
 
+@pytest.mark.parametrize(
+    ("encoding", "suffix"),
+    [
+        pytest.param("x-gzip", b"", id="x-gzip"),
+        pytest.param("GZIP", b"", id="upper-case"),
+        pytest.param("identity, gzip", b"", id="with-identity"),
+        pytest.param("gzip", b"\0" * 512, id="zero-padding"),
+    ],
+)
+def test_gzip_variants_accepted(limited_client, device_id, db, encoding, suffix):
+    body = gzip.compress(encode(series(device_id, 4))) + suffix
+    response = limited_client.post("/v1/ingest", content=body, headers={"Content-Encoding": encoding})
+    assert response.status_code == 200
+    assert db.count(device_id) == 4
+
+
 def test_identity_encoding_accepted(limited_client, device_id):
     response = limited_client.post(
         "/v1/ingest", content=encode(series(device_id, 2)), headers={"Content-Encoding": "identity"},
@@ -253,3 +290,49 @@ def test_wrong_method_gives_json_405(client, method, path):
     assert response.status_code == 405
     assert response.json() == {"error": "Method Not Allowed"}
     assert "allow" in response.headers
+
+
+def test_slow_body_gets_408(stack, tmp_path, token, device_id):
+    environment = {
+        "DATABASE_URL": stack.database_url,
+        "REDIS_URL": stack.redis_url,
+        "DEVICE_TOKENS": f"{token}:{device_id}",
+        "BODY_TIMEOUT_S": "1",
+    }
+    service = devstack.ServiceProcess(environment, log_file=tmp_path / "service.log", cwd=tmp_path)
+    service.start()
+    try:
+        connection = send_head(service.port, token, "Content-Length: 1000")
+        connection.sendall(b'{"samples": [')
+        status_line = connection.recv(4096).split(b"\r\n", 1)[0]
+        connection.close()
+    finally:
+        service.stop()
+    assert status_line == b"HTTP/1.1 408 Request Timeout"
+
+
+def test_requests_per_device_limited(stack, tmp_path, token, device_id):
+    environment = {
+        "DATABASE_URL": stack.database_url,
+        "REDIS_URL": stack.redis_url,
+        "DEVICE_TOKENS": f"{token}:{device_id},{token}x:{device_id}-other",
+        "MAX_REQUESTS_PER_DEVICE": "2",
+    }
+    service = devstack.ServiceProcess(environment, log_file=tmp_path / "service.log", cwd=tmp_path)
+    service.start()
+    try:
+        # Two uploads of the device hang in their bodies; a third request of it must wait its turn.
+        held = [send_head(service.port, token, "Content-Length: 1000") for _ in range(2)]
+        time.sleep(0.3)
+        third = httpx.get(f"{service.url}/v1/realtime", headers={"Authorization": f"Bearer {token}"})
+        other = httpx.get(f"{service.url}/v1/realtime", headers={"Authorization": f"Bearer {token}x"})
+        for connection in held:
+            connection.close()
+        time.sleep(0.3)
+        after = httpx.get(f"{service.url}/v1/realtime", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        service.stop()
+    assert third.status_code == 429
+    assert third.headers["retry-after"] == "1"
+    assert other.status_code == 404
+    assert after.status_code == 404

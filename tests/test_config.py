@@ -62,14 +62,35 @@ def test_cache_ttl_set():
             id="token-with-space",
         ),
         pytest.param(
-            {**BASE, "DEVICE_TOKENS": "secretA:device one"}, "entry 1 has device id 'device one'",
+            {**BASE, "DEVICE_TOKENS": "secretA:device one"}, "entry 1 has an invalid device id",
             id="device-with-space",
         ),
+        pytest.param(
+            {**BASE, "DEVICE_TOKENS": "abc:secretB:device-1"}, "entry 1 has more than one ':'", id="two-colons",
+        ),
         pytest.param({**BASE, "DEVICE_TOKENS": " , "}, "DEVICE_TOKENS contains no", id="no-entries"),
-        pytest.param({**BASE, "CACHE_TTL_S": "-1"}, "CACHE_TTL_S must be a non-negative integer", id="ttl-negative"),
-        pytest.param({**BASE, "CACHE_TTL_S": "five"}, "CACHE_TTL_S must be a non-negative integer", id="ttl-text"),
-        pytest.param({**BASE, "CACHE_TTL_S": "1.5"}, "CACHE_TTL_S must be a non-negative integer", id="ttl-float"),
-        pytest.param({**BASE, "MAX_BODY_BYTES": "10"}, "MAX_BODY_BYTES must be an integer >= 1024", id="body-small"),
+        pytest.param({**BASE, "CACHE_TTL_S": "-1"}, "CACHE_TTL_S must be an integer from 0 to", id="ttl-negative"),
+        pytest.param({**BASE, "CACHE_TTL_S": "five"}, "CACHE_TTL_S must be an integer from 0 to", id="ttl-text"),
+        pytest.param({**BASE, "CACHE_TTL_S": "1.5"}, "CACHE_TTL_S must be an integer from 0 to", id="ttl-float"),
+        pytest.param({**BASE, "CACHE_TTL_S": "1_000"}, "CACHE_TTL_S must be an integer from 0 to", id="ttl-underscore"),
+        pytest.param({**BASE, "CACHE_TTL_S": "\u0665"}, "CACHE_TTL_S must be an integer from 0", id="ttl-arabic-digit"),
+        pytest.param(
+            {**BASE, "CACHE_TTL_S": "99999999999999999999"}, "CACHE_TTL_S must be an integer from 0 to 86400",
+            id="ttl-huge",
+        ),
+        pytest.param({**BASE, "MAX_BODY_BYTES": "10"}, "MAX_BODY_BYTES must be an integer from 1024", id="body-small"),
+        pytest.param({**BASE, "DB_TIMEOUT_S": "1e-9"}, "DB_TIMEOUT_S must be a number of seconds", id="timeout-tiny"),
+        pytest.param({**BASE, "DB_TIMEOUT_S": "nan"}, "DB_TIMEOUT_S must be a number of seconds", id="timeout-nan"),
+        pytest.param({**BASE, "LOG_LEVEL": "bogus"}, "LOG_LEVEL must be one of", id="log-level"),
+        pytest.param(
+            {**BASE, "DATABASE_URL": "postgresql://u:secret-pw@db:abc/p1"}, "DATABASE_URL is not a valid URL",
+            id="database-port",
+        ),
+        pytest.param(
+            {**BASE, "DATABASE_URL": "postgresql://u:secret-pw@[::1/p1"}, "DATABASE_URL is not a valid URL",
+            id="database-ipv6",
+        ),
+        pytest.param({**BASE, "REDIS_URL": "redis://:secret@/0"}, "REDIS_URL has no host name", id="redis-no-host"),
         pytest.param({**BASE, "DB_TIMEOUT_S": "0"}, "DB_TIMEOUT_S must be a number of seconds", id="timeout-zero"),
         pytest.param({**BASE, "DATABASE_URL": "mysql://x"}, "DATABASE_URL must start with", id="database-scheme"),
     ],
@@ -98,6 +119,22 @@ def test_database_url_password_never_shown():
     with pytest.raises(service.ConfigError) as raised:
         service.load_settings({**BASE, "DATABASE_URL": "mysql://user:secret-password@db/p1"})
     assert "secret-password" not in str(raised.value)
+
+
+def test_swapped_entry_warning_names_no_device(caplog):
+    token = "Zk3v9Q2mX8pL4rT7wY1cN6bH5jD0sF2gA9eK3uV8qR4"
+    settings = service.load_settings({**BASE, "DEVICE_TOKENS": f"meter-1:{token}"})
+    service.warn_about_weak_tokens(settings)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2
+    assert "check that each entry is token:device_id" in messages[1]
+    assert all(token not in message for message in messages)
+
+
+def test_unset_optional_values_defaults():
+    settings = service.load_settings({**BASE, "CACHE_TTL_S": "", "LOG_LEVEL": ""})
+    assert settings.cache_ttl_s == 5
+    assert settings.log_level == "INFO"
 
 
 def test_token_map_finds_device():

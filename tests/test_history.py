@@ -54,9 +54,9 @@ def expected_history(stored: list[dict], start: datetime, end: datetime, bucket:
     energy = {field: {} for field in ("energy_import_kwh", "energy_export_kwh")}
     for field, per_bucket in energy.items():
         previous = None
-        for entry in stored:
-            if entry.get(field) is None or parse(entry["ts"]) >= end:
-                continue
+        for entry in plausible_readings(stored, field):
+            if parse(entry["ts"]) >= end:
+                break
             value = Decimal(str(entry[field]))
             if parse(entry["ts"]) >= start:
                 key = key_of(entry["ts"])
@@ -79,6 +79,19 @@ def expected_history(stored: list[dict], start: datetime, end: datetime, bucket:
             "energy_export_kwh": energy["energy_export_kwh"].get(key),
         })
     return result
+
+
+def plausible_readings(stored: list[dict], field: str) -> list[dict]:
+    """The samples with a reading of ``field``, without single readings outside the span of two ordered neighbours."""
+    readings = [entry for entry in stored if entry.get(field) is not None]
+    kept = []
+    for index, entry in enumerate(readings):
+        if 0 < index < len(readings) - 1:
+            before, after = readings[index - 1][field], readings[index + 1][field]
+            if before <= after and not before <= entry[field] <= after:
+                continue
+        kept.append(entry)
+    return kept
 
 
 def assert_buckets_match(actual: list[dict], expected: list[dict]) -> None:
@@ -253,6 +266,36 @@ def test_counter_reset_counts_from_zero(client, device_id):
     assert body["totals"]["energy_export_kwh"] is None
 
 
+def test_damaged_reading_ignored(client, device_id):
+    # The middle telegram lost its tariff 2 line, so its summed counter dropped for one reading.
+    values = [29681.851, 16366.259, 29681.853, 29681.860]
+    samples = [
+        sample(device_id, f"2024-05-01T10:00:0{index * 5}Z", energy_import_kwh=value)
+        for index, value in enumerate(values[:2])
+    ] + [
+        sample(device_id, "2024-05-01T10:00:10Z", energy_import_kwh=values[2]),
+        sample(device_id, "2024-05-01T11:30:00Z", energy_import_kwh=values[3]),
+    ]
+    store(client, samples)
+    body = get_history(client, "2024-05-01T10:00:00Z", "2024-05-01T11:00:00Z", "1h", "UTC").json()
+    assert body["totals"]["energy_import_kwh"] == pytest.approx(0.002, abs=1e-9)
+    assert_buckets_match(
+        body["buckets"], expected_history(samples, parse(body["from"]), parse(body["to"]), "1h", ZoneInfo("UTC")),
+    )
+
+
+def test_damaged_last_reading_ignored_once_next_arrives(client, device_id):
+    store(client, [
+        sample(device_id, "2024-05-01T10:00:00Z", energy_import_kwh=500.0),
+        sample(device_id, "2024-05-01T10:59:00Z", energy_import_kwh=5.0),
+    ])
+    window = ("2024-05-01T10:00:00Z", "2024-05-01T11:00:00Z", "1h", "UTC")
+    # Alone, the drop looks like a replaced meter that counted 5 kWh.
+    assert get_history(client, *window).json()["totals"]["energy_import_kwh"] == pytest.approx(5.0)
+    store(client, [sample(device_id, "2024-05-01T11:01:00Z", energy_import_kwh=500.2)])
+    assert get_history(client, *window).json()["totals"]["energy_import_kwh"] == pytest.approx(0.0)
+
+
 def test_gap_omits_empty_buckets(client, device_id):
     morning = minute_series(device_id, datetime(2024, 5, 2, 8, tzinfo=UTC), datetime(2024, 5, 2, 9, tzinfo=UTC))
     evening = minute_series(device_id, datetime(2024, 5, 2, 12, tzinfo=UTC), datetime(2024, 5, 2, 13, tzinfo=UTC))
@@ -334,6 +377,26 @@ def test_default_bucket_and_zone(client):
             {"from": "2024-01-01T00:00:00Z", "to": "2024-02-01T00:00:00Z", "bucket": "1m"}, "bucket",
             id="too-many-buckets",
         ),
+        pytest.param(
+            {"from": "0001-01-01T00:00:00+14:00", "to": "0001-01-01T12:00:00+14:00"}, "from", id="from-year-1",
+        ),
+        pytest.param(
+            {"from": "2024-05-01T00:00:00Z", "to": "9999-12-31T23:00:00-12:00", "bucket": "1d"}, "to",
+            id="to-year-9999",
+        ),
+        pytest.param({"from": "2024-05-01T00:00:00Z", "to": "2024-05-02T00:00:00Z", "tz": "x" * 5000}, "tz",
+                     id="tz-very-long"),
+        pytest.param({"from": "2024-05-01T00:00:00Z", "to": "2024-05-02T00:00:00Z", "tz": "localtime"}, "tz",
+                     id="tz-localtime"),
+        pytest.param({"from": "2024-05-01T00:00:00Z", "to": "2024-05-02T00:00:00Z", "tz": "Factory"}, "tz",
+                     id="tz-factory"),
+        pytest.param({"from": "2024-05-01T00:00:00Z", "to": "2024-05-02T00:00:00Z", "tz": "right/UTC"}, "tz",
+                     id="tz-leap-seconds"),
+        pytest.param({"from": "2024-05-01T00:00:00Z", "to": "2024-05-02T00:00:00Z", "tz": ""}, "tz", id="tz-empty"),
+        pytest.param(
+            [("from", "2024-05-01T00:00:00Z"), ("from", "2024-05-03T00:00:00Z"), ("to", "2024-05-02T00:00:00Z")],
+            "from", id="from-repeated",
+        ),
     ],
 )
 def test_bad_query_gives_422(client, params, field):
@@ -341,6 +404,12 @@ def test_bad_query_gives_422(client, params, field):
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == field
     assert response.json()["error"].startswith(field)
+
+
+def test_unencoded_plus_in_zone_accepted(client):
+    response = client.get("/v1/history?from=2024-05-01T00:00:00Z&to=2024-05-02T00:00:00Z&tz=Etc/GMT+5")
+    assert response.status_code == 200
+    assert response.json()["tz"] == "Etc/GMT+5"
 
 
 def test_max_buckets_allowed(client):

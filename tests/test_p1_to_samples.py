@@ -441,12 +441,16 @@ def test_series_blank_timestamp_skipped(tmp_path, caplog):
     assert "skipped row 1" in caplog.text
 
 
-def test_series_invalid_value_names_row(tmp_path):
+def test_series_invalid_value_skipped(tmp_path, caplog):
     path = tmp_path / "series.csv"
-    path.write_text("idx,obis 0-0:1.0.0,obis 1-0:1.7.0\n0,190324150520W,fast\n")
+    path.write_text("idx,obis 0-0:1.0.0,obis 1-0:1.7.0\n0,190324150520W,fast\n1,190324150521W,00.200*kW\n")
 
-    with pytest.raises(ValueError, match="row 1"):
-        samples_from_series_csv(path, "meter-1")
+    with caplog.at_level(logging.WARNING):
+        samples = samples_from_series_csv(path, "meter-1")
+
+    assert [sample["power_w"] for sample in samples] == [200]
+    assert "skipped row 1" in caplog.text
+    assert "fast" in caplog.text
 
 
 # Command line

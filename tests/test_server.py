@@ -136,7 +136,7 @@ def test_dotenv_file_read_environment_wins(stack, tmp_path, token, device_id):
         pytest.param({"DEVICE_TOKENS": "supersecretvalue"}, "DEVICE_TOKENS entry 1 has no ':'", id="no-colon"),
         pytest.param({"DEVICE_TOKENS": "supersecretvalue:a,supersecretvalue:b"},
                      "DEVICE_TOKENS entry 2 repeats the token of entry 1", id="duplicate"),
-        pytest.param({"CACHE_TTL_S": "soon"}, "CACHE_TTL_S must be a non-negative integer", id="ttl"),
+        pytest.param({"CACHE_TTL_S": "soon"}, "CACHE_TTL_S must be an integer from 0 to 86400", id="ttl"),
         pytest.param({"REDIS_URL": ""}, "REDIS_URL is required but not set", id="missing"),
     ],
 )
