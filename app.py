@@ -172,7 +172,7 @@ def read_seconds(environ: dict[str, str], name: str, default: float, minimum: fl
 def read_url(environ: dict[str, str], name: str, schemes: tuple[str, ...]) -> str:
     value = environ.get(name, "").strip()
     if not value:
-        raise ConfigError(f"{name} is required but not set")
+        raise ConfigError(f"{name} is required but not set or empty")
     # The URL may carry a password, so no message repeats it.
     if not value.startswith(schemes):
         raise ConfigError(f"{name} must start with one of {', '.join(schemes)}")
@@ -198,7 +198,7 @@ def load_settings(environ: dict[str, str]) -> Settings:
     database_url = read_url(environ, "DATABASE_URL", ("postgresql://", "postgres://"))
     redis_url = read_url(environ, "REDIS_URL", ("redis://", "rediss://", "unix://"))
     if not environ.get("DEVICE_TOKENS", "").strip():
-        raise ConfigError("DEVICE_TOKENS is required but not set")
+        raise ConfigError("DEVICE_TOKENS is required but not set or empty")
 
     return Settings(
         database_url=database_url,

@@ -108,6 +108,7 @@ class PostgresServer:
                     break
                 mode = parent.stat().st_mode
                 if not mode & 0o001:
+                    logger.warning("making %s searchable by others (o+x) so that PostgreSQL can reach its data", parent)
                     os.chmod(parent, mode | 0o001)
         self.data_dir.chmod(0o700)
 
@@ -261,9 +262,9 @@ def serve(arguments: argparse.Namespace) -> int:
         environment = dict(os.environ)
         environment.setdefault("DATABASE_URL", postgres.dsn)
         environment.setdefault("REDIS_URL", redis_server.url)
-        if "DEVICE_TOKENS" not in {**dotenv_values(ROOT / ".env"), **environment}:
+        if not ({**dotenv_values(ROOT / ".env"), **environment}.get("DEVICE_TOKENS") or "").strip():
             logger.warning(
-                "DEVICE_TOKENS is not set: using the demo token 'demo-token' for device "
+                "DEVICE_TOKENS is not set or empty: using the demo token 'demo-token' for device "
                 "'demo-meter'. Never use it outside this machine."
             )
             environment["DEVICE_TOKENS"] = "demo-token:demo-meter"
@@ -271,9 +272,11 @@ def serve(arguments: argparse.Namespace) -> int:
         service.start(wait=False)
         signal.signal(signal.SIGTERM, lambda *_: service.process.terminate())
         try:
-            return service.process.wait()
+            status = service.process.wait()
         except KeyboardInterrupt:
-            return service.stop()
+            status = service.stop()
+        # uvicorn exits by the signal it stopped on, after a clean shutdown.
+        return 0 if status in (-signal.SIGTERM, -signal.SIGINT) else status
     finally:
         redis_server.stop()
         postgres.stop()

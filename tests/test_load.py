@@ -20,7 +20,7 @@ CONCURRENCY = 32
 
 @pytest.fixture
 def fleet():
-    return {secrets.token_urlsafe(32): f"load-{secrets.token_hex(4)}-{index}" for index in range(DEVICES)}
+    return {secrets.token_urlsafe(32): f"test-load-{secrets.token_hex(4)}-{index}" for index in range(DEVICES)}
 
 
 @pytest.fixture
