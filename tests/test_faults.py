@@ -7,6 +7,7 @@ nothing behind it or by a socket that never answers.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import pytest
 from faults import SilentServer, TcpProxy
@@ -327,9 +329,9 @@ def test_unexpected_error_gives_json_500(make_client, token, device_id, monkeypa
     import app as service
 
     def explode(samples):
-        raise RuntimeError("boom in unique_rows")
+        raise RuntimeError("boom in batch_rows")
 
-    monkeypatch.setattr(service, "unique_rows", explode)
+    monkeypatch.setattr(service, "batch_rows", explode)
     client = make_client()
     client.headers["Authorization"] = f"Bearer {token}"
     response = client.post("/v1/ingest", json={"samples": series(device_id, 2)})
@@ -339,3 +341,45 @@ def test_unexpected_error_gives_json_500(make_client, token, device_id, monkeypa
     record = next(record for record in caplog.records if record.getMessage().startswith("unexpected error"))
     assert device_id in record.getMessage()
     assert record.exc_info[0] is RuntimeError
+
+
+TERMINATE_SERVICE_SESSIONS = """
+SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'p1-terminated'
+"""
+
+
+def test_terminated_sessions_give_503_not_500(stack, environment, start_service, http, device_id, db):
+    database_url = f"{stack.database_url}?application_name=p1-terminated"
+    service = start_service({**environment, "DATABASE_URL": database_url, "DB_POOL_SIZE": "4"})
+    stop = threading.Event()
+
+    async def terminate_sessions_until_stopped():
+        connection = await asyncpg.connect(stack.database_url)
+        try:
+            while not stop.is_set():
+                await connection.execute(TERMINATE_SERVICE_SESSIONS)
+                await asyncio.sleep(0.02)
+        finally:
+            await connection.close()
+
+    def terminate_sessions():
+        asyncio.run(terminate_sessions_until_stopped())
+
+    killer = threading.Thread(target=terminate_sessions)
+    batches = [series(device_id, size, start=f"2024-09-{day:02d}T00:00:00Z") for day, size in
+               zip(range(1, 29), [10, 500] * 14, strict=True)]
+    statuses = []
+    killer.start()
+    try:
+        for batch in batches:
+            statuses.append(ingest(http, service, batch).status_code)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(503) > 0
+    for batch, status in zip(batches, statuses, strict=True):
+        if status == 503:
+            assert ingest(http, service, batch).status_code == 200
+    assert db.count(device_id) == sum(len(batch) for batch in batches)
