@@ -1,8 +1,10 @@
-"""Ingest service for smart-meter samples read from the P1 port (DSMR).
+"""Ingest and read service for smart-meter samples read from the P1 port (DSMR).
 
 Edge devices POST batches of samples with a Bearer token. The service checks
 them, stores them idempotently in the TimescaleDB hypertable p1_samples and
-deletes the Redis cache entry of the device's realtime view.
+deletes the Redis cache entry of the device's realtime view. Dashboards read
+that realtime view, cached in Redis, and the history aggregated per bucket of
+the local clock.
 
 Run it with ``uvicorn --factory app:create_app_from_environment``.
 """
@@ -592,7 +594,7 @@ def content_encoding(request: Request) -> str:
     codings = [coding for coding in codings if coding not in ("", "identity")]
     if not codings:
         return "identity"
-    # RFC 9110 asks recipients to read x-gzip as gzip.
+    # The HTTP content coding registry lists x-gzip as a deprecated alias of gzip.
     if codings in (["gzip"], ["x-gzip"]):
         return "gzip"
     raise ApiError(
@@ -784,7 +786,9 @@ async def connection_from(pool: asyncpg.Pool, timeout_s: float):
     ValueError, means a value it cannot encode, which a retry cannot fix, so
     it passes unchanged.
     """
-    async with pool.acquire(timeout=timeout_s) as connection:
+    # run_database bounds the whole operation, so the acquire needs no timeout
+    # of its own, which asyncpg would implement with one more task.
+    async with pool.acquire() as connection:
         try:
             yield connection
         except ValueError:
@@ -838,23 +842,26 @@ async def run_database(request: Request, operation, device_id: str | None = None
 
     The operation runs as its own task. When it takes longer than
     ``timeout_s`` (DB_TIMEOUT_S by default), the request gets its 503 at once
-    while the task is cancelled in the background: a cancelled transaction
-    rolls back, and a batch that commits anyway is a duplicate that the retry
-    skips. Warnings are logged once a minute at most, with a count of the
-    ones left out, because an outage fails every request.
+    and the task is cancelled in the background. A cancelled transaction
+    rolls back, and a batch that commits anyway is a duplicate that the
+    retry skips. Warnings are logged once a minute at most, with a count of
+    the ones left out, because an outage fails every request.
     """
     state = request.app.state
     settings: Settings = state.settings
     timeout_s = timeout_s or settings.db_timeout_s
+    # asyncio.wait neither cancels the task on timeout nor wraps it in another
+    # task, as wait_for(shield()) would on every request.
     task = asyncio.ensure_future(operation)
-    try:
-        return await asyncio.wait_for(asyncio.shield(task), timeout_s)
-    except TimeoutError:
+    done, _ = await asyncio.wait((task,), timeout=timeout_s)
+    if not done:
         task.cancel()
         state.background_tasks.add(task)
         task.add_done_callback(state.background_tasks.discard)
         log_database_problem(state, "database timed out after %.1f s device=%s", timeout_s, device_id)
-        raise service_unavailable(settings, "database timed out; retry later") from None
+        raise service_unavailable(settings, "database timed out; retry later")
+    try:
+        return task.result()
     except (*TRANSIENT_DATABASE_ERRORS, asyncpg.InterfaceError, asyncpg.InternalClientError) as error:
         if not is_transient(error):
             raise
@@ -881,7 +888,8 @@ async def call_cache(state, command, device_id: str, action: str):
     is logged once a minute at most, with a count of the ones left out.
     """
     try:
-        return await asyncio.wait_for(command, state.settings.redis_timeout_s)
+        async with asyncio.timeout(state.settings.redis_timeout_s):
+            return await command
     except (RedisError, OSError, TimeoutError) as error:
         should_log, suppressed = state.redis_warnings.should_log()
         if should_log:
@@ -892,14 +900,63 @@ async def call_cache(state, command, device_id: str, action: str):
         return None
 
 
+class CacheInvalidator:
+    """Delete realtime cache keys, many keys to one Redis DEL.
+
+    While one DEL is in flight, the keys of the batches that commit meanwhile
+    wait and go out together in the next, so under load a DEL carries many
+    keys and Redis costs a fraction of a command per batch. A key never joins
+    a DEL that was sent before its batch committed, and delete() returns only
+    after a DEL that contains the key has finished or failed, so a read after
+    the upload's response never finds the view from before it. That wait is
+    at most two DELs, each bounded by REDIS_TIMEOUT_S.
+    """
+
+    def __init__(self, state):
+        self.state = state
+        self.next_keys: dict[str, asyncio.Future] = {}
+        self.flusher: asyncio.Task | None = None
+
+    async def delete(self, key: str) -> None:
+        done = self.next_keys.get(key)
+        if done is None:
+            done = self.next_keys[key] = asyncio.get_running_loop().create_future()
+        if self.flusher is None:
+            self.flusher = asyncio.ensure_future(self.flush())
+        # A cancelled caller must not cancel the future that others wait on too.
+        await asyncio.shield(done)
+
+    async def flush(self) -> None:
+        """Send DELs until no key waits. Every waiter is released, whatever happens to its DEL."""
+        try:
+            while self.next_keys:
+                keys, self.next_keys = self.next_keys, {}
+                devices = ",".join(key.removeprefix("realtime:") for key in keys)
+                try:
+                    await call_cache(self.state, self.state.redis.delete(*keys), devices[:200], "delete")
+                finally:
+                    release(keys)
+        except Exception:
+            logger.exception("Redis cache delete failed unexpectedly; the views expire after CACHE_TTL_S")
+        finally:
+            self.flusher = None
+            release(self.next_keys)
+            self.next_keys = {}
+
+
+def release(waiters: dict[str, asyncio.Future]) -> None:
+    for done in waiters.values():
+        if not done.done():
+            done.set_result(None)
+
+
 async def invalidate_realtime(request: Request, device_id: str) -> None:
     """Delete the device's cached realtime view.
 
     The rows are already committed, so a cache outage must not fail the
     upload. A stale entry expires after CACHE_TTL_S seconds.
     """
-    state = request.app.state
-    await call_cache(state, state.redis.delete(f"realtime:{device_id}"), device_id, "delete")
+    await request.app.state.cache_invalidator.delete(f"realtime:{device_id}")
 
 
 async def read_cached_view(state, device_id: str) -> LatestSample | None:
@@ -1039,7 +1096,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def database_status(state) -> str:
-    """Return "ok" when the database answers and p1_samples is a hypertable, else the problem."""
+    """Return "ok" when the database responds and p1_samples is a hypertable, else the problem."""
     settings: Settings = state.settings
 
     async def query() -> int:
@@ -1139,7 +1196,7 @@ async def history(request: Request) -> JSONResponse:
     try:
         rows = await run_database(request, fetch, device_id, timeout_s)
     except asyncpg.InvalidParameterValueError:
-        # zoneinfo knows the zone but the database's time zone data does not.
+        # zoneinfo has the zone but the database's time zone data does not.
         raise query_error("tz", f"is not known to the database: {zone.key!r}") from None
 
     buckets = [history_bucket(row, zone) for row in rows]
@@ -1238,7 +1295,7 @@ class BearerTokenMiddleware:
 
 
 class InternalErrorMiddleware:
-    """Answer an unexpected exception with a JSON 500 and log its traceback with the device id."""
+    """Respond to an unexpected exception with a JSON 500 and log its traceback with the device id."""
 
     def __init__(self, app):
         self.app = app
@@ -1286,8 +1343,8 @@ async def handle_http_exception(request: Request, error: HTTPException) -> JSONR
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette):
     settings: Settings = app.state.settings
-    # min_size=0 opens connections on demand, so the service starts and answers
-    # 503 while the database is still down, and recovers once it is up.
+    # min_size=0 opens connections on demand, so the service starts and responds
+    # with 503 while the database is still down, and recovers once it is up.
     app.state.pool = await asyncpg.create_pool(
         settings.database_url,
         min_size=0,
@@ -1297,9 +1354,10 @@ async def lifespan(app: Starlette):
         timeout=settings.db_timeout_s,
         command_timeout=settings.db_timeout_s,
     )
+    # call_cache bounds every command with REDIS_TIMEOUT_S. A socket_timeout
+    # would add redis-py's own wait_for, one more task, to every command.
     app.state.redis = Redis.from_url(
         settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
@@ -1307,6 +1365,7 @@ async def lifespan(app: Starlette):
     app.state.readiness_warnings = RepeatFilter()
     app.state.database_warnings = RepeatFilter()
     app.state.background_tasks = set()
+    app.state.cache_invalidator = CacheInvalidator(app.state)
     logger.info(
         "service started: %d tokens, database pool of up to %d connections",
         len(app.state.tokens), settings.db_pool_size,
@@ -1329,6 +1388,9 @@ async def close_clients(app: Starlette) -> None:
     except (TimeoutError, OSError, asyncpg.PostgresError) as error:
         logger.warning("database pool did not close cleanly, terminating it: %s", error)
         app.state.pool.terminate()
+    flusher = app.state.cache_invalidator.flusher
+    if flusher is not None:
+        await asyncio.wait((flusher,), timeout=1)
     try:
         await asyncio.wait_for(app.state.redis.aclose(), 2)
     except (TimeoutError, RedisError, OSError) as error:
