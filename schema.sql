@@ -20,11 +20,12 @@ CREATE TABLE IF NOT EXISTS p1_samples (
     PRIMARY KEY (device_id, ts)
 );
 
--- One-day chunks. A meter sends up to one sample a second, 86,400 rows a day,
--- so a day of a fleet of a hundred meters is about 8.6 million rows and
--- roughly 1 GB with its index: small enough that the chunk being written
--- stays in the memory of a small VPS. A history query of a day touches one
--- or two chunks, and retention can drop whole days.
+-- One-day chunks. A meter sends up to one sample a second, 86,400 rows a
+-- day, so a day of a fleet of a hundred meters is about 8.6 million rows.
+-- At about 150 bytes a row with its index (measured on 107 million rows),
+-- that is about 1.3 GB, small enough that the chunk being written stays in
+-- the memory of a small VPS. A history query of a day touches one or two
+-- chunks, and retention can drop whole days.
 --
 -- Every query filters on device_id, which the primary key index serves, so
 -- the default index on ts alone is not created: it would only slow down
