@@ -548,11 +548,12 @@ PROFILE_STAGES = (
     ("app: decode_batch", "decode_batch"),
     ("app: check_samples", "check_samples"),
     ("app: batch_rows", "batch_rows"),
-    ("app: run_database (task, shield, wait_for)", "run_database"),
+    ("app: run_database (task, wait)", "run_database"),
     ("app: write_rows", "write_rows"),
     ("asyncpg: pool acquire", "Pool._acquire"),
     ("asyncpg: pool release and connection reset", "PoolConnectionHolder.release"),
-    ("app: invalidate_realtime (Redis DELETE)", "invalidate_realtime"),
+    ("app: invalidate_realtime (waits for its DEL)", "invalidate_realtime"),
+    ("app: CacheInvalidator.flush (one DEL for the waiting keys)", "CacheInvalidator.flush"),
     ("app: ingest, in all", "ingest"),
 )
 
