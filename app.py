@@ -15,7 +15,9 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
+import operator
 import os
 import random
 import re
@@ -738,7 +740,9 @@ def check_samples(samples: list[Sample], device_id: str, settings: Settings) -> 
 
     latest = latest_plausible_ts(settings)
     errors = [device_id_error(index) for index, _ in others]
-    errors += [entry for index, sample in enumerate(samples) if (entry := time_error(index, sample, latest))]
+    stamps = [sample.ts for sample in samples]
+    if stamps and (min(stamps) < MIN_SAMPLE_TS or max(stamps) > latest):
+        errors += [entry for index, sample in enumerate(samples) if (entry := time_error(index, sample, latest))]
     if errors:
         errors.sort(key=lambda entry: entry["index"])
         raise invalid_samples(errors, len(samples))
@@ -750,14 +754,20 @@ def device_id_error(index: int) -> dict[str, Any]:
 
 def batch_rows(samples: list[Sample]) -> list[tuple]:
     """Return one row per timestamp, with values in ROW_COLUMNS order. The first sample of a timestamp wins."""
-    rows = {}
-    for sample in samples:
-        if sample.ts not in rows:
-            rows[sample.ts] = (
-                sample.ts, sample.power_w, sample.import_power_w,
-                sample.energy_import_kwh, sample.energy_export_kwh,
-            )
-    return list(rows.values())
+    rows = [
+        (sample.ts, sample.power_w, sample.import_power_w, sample.energy_import_kwh, sample.energy_export_kwh)
+        for sample in samples
+    ]
+    # Edge devices send samples in time order, so checking that order is the
+    # usual path. It took about a third of the time of hashing every timestamp
+    # (measured), because an aware datetime converts itself to UTC to hash.
+    stamps = [row[0] for row in rows]
+    if all(map(operator.lt, stamps, itertools.islice(stamps, 1, None))):
+        return rows
+    first = {}
+    for row in rows:
+        first.setdefault(row[0], row)
+    return list(first.values())
 
 
 async def prepare_connection(connection: asyncpg.Connection) -> None:

@@ -151,6 +151,25 @@ def test_batch_rows_first_wins():
     assert [row[1] for row in service.batch_rows(samples)] == [2, 0, 1]
 
 
+@pytest.mark.parametrize(
+    ("stamps", "expected"),
+    [
+        (["12:00:00Z", "12:00:01Z", "12:00:02Z"], [0, 1, 2]),
+        (["12:00:00Z", "13:00:00+01:00", "12:00:01Z"], [0, 2]),
+        (["12:00:01Z", "12:00:01Z"], [0]),
+        (["12:00:02Z", "12:00:01Z", "12:00:00Z"], [0, 1, 2]),
+    ],
+    ids=["in order", "same instant in another offset", "repeated", "newest first"],
+)
+def test_batch_rows_one_row_per_timestamp(stamps, expected):
+    body = {"samples": [sample("d", f"2024-03-01T{stamp}", power_w=index) for index, stamp in enumerate(stamps)]}
+    samples = service.decode_batch(
+        json.dumps(body).encode(),
+        service.Settings(database_url="postgresql://x", redis_url="redis://x", device_tokens={}),
+    )
+    assert [row[1] for row in service.batch_rows(samples)] == expected
+
+
 @pytest.mark.parametrize("name", WRITE_FUNCTIONS)
 def test_opposite_orders_never_deadlock(stack, db, device_id, name):
     # Two uploads of the same rows, one in reverse order, as a device that
