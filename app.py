@@ -366,7 +366,7 @@ ON CONFLICT (device_id, ts) DO NOTHING
 
 # Batches of up to this many rows go through INSERT_FROM_ARRAYS, larger ones
 # through COPY and the staging table. In bench/ingest_bench.py on 2 cores with
-# fsync on (BENCHMARKS.md), the single statement stored 1.9 to 2.3 times the
+# fsync on (BENCHMARKS.md), the single statement stored 1.8 to 2.3 times the
 # batches per second of COPY at 10 rows and 1.1 to 1.5 times at 200 rows with
 # 32 uploaders. At 500 rows neither was ahead in every run, and from 1,000
 # rows on COPY was.
@@ -759,8 +759,8 @@ def batch_rows(samples: list[Sample]) -> list[tuple]:
         for sample in samples
     ]
     # Edge devices send samples in time order, so checking that order is the
-    # usual path. It took about a third of the time of hashing every timestamp
-    # (measured), because an aware datetime converts itself to UTC to hash.
+    # usual path: 100 µs per 1,000 new samples against 363 µs for hashing every
+    # timestamp (measured), because an aware datetime converts itself to UTC to hash.
     stamps = [row[0] for row in rows]
     if all(map(operator.lt, stamps, itertools.islice(stamps, 1, None))):
         return rows

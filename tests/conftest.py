@@ -135,6 +135,22 @@ def settings(stack: Stack, device_id: str, token: str) -> service.Settings:
 
 
 @pytest.fixture
+def start_service(tmp_path):
+    """Start the service under uvicorn on a loopback port with the given environment. Each one stops after the test."""
+    services = []
+
+    def start(environment, wait=True):
+        process = devstack.ServiceProcess(environment, log_file=tmp_path / "service.log", cwd=tmp_path)
+        process.start(wait=wait)
+        services.append(process)
+        return process
+
+    yield start
+    for process in services:
+        process.stop()
+
+
+@pytest.fixture
 def make_client(settings: service.Settings):
     """Build a TestClient, with the lifespan running, from the test's settings and overrides."""
     clients: list[TestClient] = []

@@ -13,8 +13,6 @@ import httpx
 import pytest
 from helpers import sample, series
 
-import devstack
-
 MAX_BODY_BYTES = 64 * 1024
 MAX_BATCH_SAMPLES = 50
 
@@ -147,18 +145,19 @@ def test_413_names_the_limit(limited_client):
     }
 
 
-@pytest.fixture
-def limited_server(stack, tmp_path, token, device_id):
+def service_environment(stack, token: str, device_id: str, **settings: str) -> dict[str, str]:
+    """Return the environment of a service for the test's device, with settings added or replaced."""
     environment = {
         "DATABASE_URL": stack.database_url,
         "REDIS_URL": stack.redis_url,
         "DEVICE_TOKENS": f"{token}:{device_id}",
-        "MAX_BODY_BYTES": str(MAX_BODY_BYTES),
     }
-    service = devstack.ServiceProcess(environment, log_file=tmp_path / "service.log", cwd=tmp_path)
-    service.start()
-    yield service
-    service.stop()
+    return {**environment, **settings}
+
+
+@pytest.fixture
+def limited_server(stack, start_service, token, device_id):
+    return start_service(service_environment(stack, token, device_id, MAX_BODY_BYTES=str(MAX_BODY_BYTES)))
 
 
 def send_head(port: int, token: str, framing: str) -> socket.socket:
@@ -292,46 +291,31 @@ def test_wrong_method_gives_json_405(client, method, path):
     assert "allow" in response.headers
 
 
-def test_slow_body_gets_408(stack, tmp_path, token, device_id):
-    environment = {
-        "DATABASE_URL": stack.database_url,
-        "REDIS_URL": stack.redis_url,
-        "DEVICE_TOKENS": f"{token}:{device_id}",
-        "BODY_TIMEOUT_S": "1",
-    }
-    service = devstack.ServiceProcess(environment, log_file=tmp_path / "service.log", cwd=tmp_path)
-    service.start()
-    try:
-        connection = send_head(service.port, token, "Content-Length: 1000")
-        connection.sendall(b'{"samples": [')
-        status_line = connection.recv(4096).split(b"\r\n", 1)[0]
-        connection.close()
-    finally:
-        service.stop()
+def test_slow_body_gets_408(stack, start_service, token, device_id):
+    service = start_service(service_environment(stack, token, device_id, BODY_TIMEOUT_S="1"))
+    connection = send_head(service.port, token, "Content-Length: 1000")
+    connection.sendall(b'{"samples": [')
+    status_line = connection.recv(4096).split(b"\r\n", 1)[0]
+    connection.close()
     assert status_line == b"HTTP/1.1 408 Request Timeout"
 
 
-def test_requests_per_device_limited(stack, tmp_path, token, device_id):
-    environment = {
-        "DATABASE_URL": stack.database_url,
-        "REDIS_URL": stack.redis_url,
-        "DEVICE_TOKENS": f"{token}:{device_id},{token}x:{device_id}-other",
-        "MAX_REQUESTS_PER_DEVICE": "2",
-    }
-    service = devstack.ServiceProcess(environment, log_file=tmp_path / "service.log", cwd=tmp_path)
-    service.start()
-    try:
-        # Two uploads of the device hang in their bodies; a third request of it must wait its turn.
-        held = [send_head(service.port, token, "Content-Length: 1000") for _ in range(2)]
-        time.sleep(0.3)
-        third = httpx.get(f"{service.url}/v1/realtime", headers={"Authorization": f"Bearer {token}"})
-        other = httpx.get(f"{service.url}/v1/realtime", headers={"Authorization": f"Bearer {token}x"})
-        for connection in held:
-            connection.close()
-        time.sleep(0.3)
-        after = httpx.get(f"{service.url}/v1/realtime", headers={"Authorization": f"Bearer {token}"})
-    finally:
-        service.stop()
+def test_requests_per_device_limited(stack, start_service, token, device_id):
+    tokens = f"{token}:{device_id},{token}x:{device_id}-other"
+    service = start_service(
+        service_environment(stack, token, device_id, DEVICE_TOKENS=tokens, MAX_REQUESTS_PER_DEVICE="2")
+    )
+
+    # Two uploads of the device hang in their bodies, so a third request of the device gets 429.
+    hanging_uploads = [send_head(service.port, token, "Content-Length: 1000") for _ in range(2)]
+    time.sleep(0.3)
+    third = httpx.get(f"{service.url}/v1/realtime", headers={"Authorization": f"Bearer {token}"})
+    other = httpx.get(f"{service.url}/v1/realtime", headers={"Authorization": f"Bearer {token}x"})
+    for connection in hanging_uploads:
+        connection.close()
+    time.sleep(0.3)
+    after = httpx.get(f"{service.url}/v1/realtime", headers={"Authorization": f"Bearer {token}"})
+
     assert third.status_code == 429
     assert third.headers["retry-after"] == "1"
     assert other.status_code == 404

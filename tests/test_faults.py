@@ -52,21 +52,6 @@ def environment(stack, proxy, token, device_id):
 
 
 @pytest.fixture
-def start_service(tmp_path):
-    services = []
-
-    def start(environment, wait=True):
-        service = devstack.ServiceProcess(environment, log_file=tmp_path / "service.log", cwd=tmp_path)
-        service.start(wait=wait)
-        services.append(service)
-        return service
-
-    yield start
-    for service in services:
-        service.stop()
-
-
-@pytest.fixture
 def http(token):
     with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
         yield client
